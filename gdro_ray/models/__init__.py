@@ -1,0 +1,31 @@
+"""Model adapters behind one interface (FlowModel), and the loader that picks one from a model name."""
+
+import torch
+
+from gdro_ray.models.base import FLUX_LORA_TARGETS, FlowModel, GeneratedGroup, LoraSpec, PromptEmbeddings
+from gdro_ray.models.flux import FluxModel
+from gdro_ray.models.tiny_flux import TinyFluxConfig, build_tiny_flux_pipeline
+
+TINY = "tiny"
+
+__all__ = [
+    "FLUX_LORA_TARGETS",
+    "FlowModel",
+    "FluxModel",
+    "GeneratedGroup",
+    "LoraSpec",
+    "PromptEmbeddings",
+    "TINY",
+    "TinyFluxConfig",
+    "build_tiny_flux_pipeline",
+    "load_flow_model",
+]
+
+
+def load_flow_model(
+    model: str = TINY, device: str | torch.device | None = None, revision: str | None = None
+) -> FlowModel:
+    """``tiny`` (the embedded tiny FLUX, built offline), a diffusers FLUX directory, or a hub id."""
+    if model == TINY:
+        return FluxModel(build_tiny_flux_pipeline(), device=device)
+    return FluxModel.from_pretrained(model, device=device, revision=revision)

@@ -1,0 +1,140 @@
+"""The one small interface every model family implements for gdro-ray.
+
+Latents are "packed": (batch, tokens, channels), the layout the transformer consumes. Images are float
+tensors (batch, 3, H, W) in [0, 1]. Time t follows gdro_ray.flow: t = 1 is noise, t = 0 data.
+"""
+
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+# FLUX's attention and feed-forward projections, in the double-stream and single-stream blocks.
+FLUX_LORA_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "proj_mlp",
+)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA adapter: rank, scale alpha (the update is scaled by alpha / rank) and target modules,
+    named as module-name suffixes of the transformer."""
+
+    rank: int = 32
+    alpha: float = 32.0
+    target_modules: tuple[str, ...] = FLUX_LORA_TARGETS
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if not self.target_modules:
+            raise ValueError("LoRA target_modules must name at least one module")
+
+
+@dataclass
+class PromptEmbeddings:
+    """Text conditioning, computed once per prompt and reused: T5 sequence embeddings (B, L, D),
+    the pooled CLIP embedding (B, P) and FLUX's text position ids (L, 3)."""
+
+    sequence: torch.Tensor
+    pooled: torch.Tensor
+    text_ids: torch.Tensor = field(default=None)
+
+    def __post_init__(self):
+        if self.text_ids is None:
+            self.text_ids = torch.zeros(self.sequence.shape[1], 3, dtype=self.sequence.dtype)
+
+    def __len__(self) -> int:
+        return self.sequence.shape[0]
+
+    def select(self, index: torch.Tensor | list[int]) -> "PromptEmbeddings":
+        """Rows by index, e.g. repeat_interleave'd to give every member of a group its prompt."""
+        index = torch.as_tensor(index, device=self.sequence.device)
+        return PromptEmbeddings(self.sequence[index], self.pooled[index], self.text_ids)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "PromptEmbeddings":
+        return PromptEmbeddings(
+            self.sequence.to(device, dtype), self.pooled.to(device, dtype), self.text_ids.to(device, dtype)
+        )
+
+
+@dataclass
+class GeneratedGroup:
+    """k samples of one prompt: packed latents (k, N, C), images (k, 3, H, W) in [0, 1], their seeds."""
+
+    latents: torch.Tensor
+    images: torch.Tensor
+    seeds: list[int]
+
+
+class FlowModel(ABC):
+    """A rectified-flow text-to-image model with a LoRA on its denoiser."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeddings: ...
+
+    @abstractmethod
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] -> packed latents (B, N, C)."""
+
+    @abstractmethod
+    def decode_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Packed latents -> images (B, 3, H, W) in [0, 1], float32 on the CPU."""
+
+    @abstractmethod
+    def velocity(
+        self, latents: torch.Tensor, t: torch.Tensor, prompts: PromptEmbeddings, height: int, width: int
+    ) -> torch.Tensor:
+        """The denoiser's velocity v(x_t, t, c) for packed latents (B, N, C) at times t (B,)."""
+
+    @abstractmethod
+    def generate(
+        self, prompt: PromptEmbeddings, seeds: list[int], height: int, width: int, num_steps: int
+    ) -> GeneratedGroup:
+        """One image per seed for a single prompt; the same seeds give the same images."""
+
+    @abstractmethod
+    def timestep_shift_mu(self, height: int, width: int) -> float:
+        """The resolution-dependent shift the model's sampler uses at this image size."""
+
+    @abstractmethod
+    def add_lora(self, spec: LoraSpec) -> None:
+        """Attach a fresh LoRA (a zero update, so policy == reference) and freeze everything else."""
+
+    @abstractmethod
+    def reference(self) -> AbstractContextManager:
+        """Within this context the LoRA is off: the model is the reference policy."""
+
+    @abstractmethod
+    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+
+    @abstractmethod
+    def set_gradient_checkpointing(self, enabled: bool) -> None: ...
+
+    @abstractmethod
+    def lora_state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    @abstractmethod
+    def save_lora(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Save the LoRA (or the given LoRA weights, e.g. an EMA) in the model family's standard format."""
+
+    @abstractmethod
+    def load_lora(self, directory: str | Path) -> None: ...

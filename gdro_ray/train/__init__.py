@@ -1,0 +1,1 @@
+"""Training: the GDRO step on a model adapter, and (later) its Ray Train wiring."""
