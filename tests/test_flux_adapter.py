@@ -202,3 +202,9 @@ def test_unknown_lora_target_is_refused(tiny_flux):
     with pytest.raises(RuntimeError, match="attach a LoRA first"):
         with tiny_flux.reference():
             pass
+
+
+def test_an_unreachable_hub_id_says_so():
+    # conftest sets HF_HUB_OFFLINE, as on a machine without network.
+    with pytest.raises(OSError, match="could not load 'no-such-org/no-such-flux' from the hub"):
+        load_flow_model("no-such-org/no-such-flux")
