@@ -208,3 +208,12 @@ def test_an_unreachable_hub_id_says_so():
     # conftest sets HF_HUB_OFFLINE, as on a machine without network.
     with pytest.raises(OSError, match="could not load 'no-such-org/no-such-flux' from the hub"):
         load_flow_model("no-such-org/no-such-flux")
+
+
+def test_a_model_built_in_memory_encodes_deterministically():
+    # Modules built from configs start in train mode; the adapter must not leave T5's dropout on.
+    first, second = load_flow_model("tiny"), load_flow_model("tiny")
+    prompts = ['a sign that says "OPEN"', "a photo of a cat"]
+    together = first.encode_prompts(prompts)
+    torch.testing.assert_close(second.encode_prompts(prompts[:1]).sequence[0], together.sequence[0])
+    torch.testing.assert_close(first.encode_prompts(prompts[:1]).pooled[0], together.pooled[0])

@@ -58,6 +58,11 @@ class FluxModel(FlowModel):
         if pipeline.transformer.dtype != self.dtype:
             pipeline.to(dtype=self.dtype)
         self.pipeline = pipeline.to(self.device)
+        # Inference mode everywhere (a pipeline built from configs starts in train mode, with T5's
+        # dropout on); a training loop switches the transformer back with train().
+        for component in pipeline.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.eval()
         self.pipeline.set_progress_bar_config(disable=True)
         self.transformer = pipeline.transformer
         self.guidance_scale = guidance_scale  # used only by guidance-distilled models (FLUX.1-dev)

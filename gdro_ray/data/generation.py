@@ -1,0 +1,238 @@
+"""The offline group dataset on Ray Data: prompts -> generation actors -> reward actors -> Parquet shards.
+
+    prompts ──► GroupGenerator pool (one model replica per actor, a GPU each on clusters)
+            ──► GroupScorer pool (reward model per actor; writes each scored batch as one shard)
+            ──► summary rows to the driver (progress, per-stage times)
+
+Resume: prompts already in a shard are left out before the pipeline starts, so a rerun (after a
+finished, a killed or a failed run) generates each missing prompt once and no prompt twice.
+"""
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import ray
+import torch
+from tqdm import tqdm
+
+from gdro_ray.data.manifest import MANIFEST_NAME, check_resumable, write_manifest
+from gdro_ray.data.prompts import PromptRecord, load_prompts
+from gdro_ray.data.records import image_to_png, png_to_image, tensor_to_bytes
+from gdro_ray.data.shards import remove_partial_shards, shard_paths, write_shard, written_prompt_ids
+from gdro_ray.models import TINY, load_flow_model
+from gdro_ray.rewards import build_reward, reward_for_task
+from gdro_ray.rewards.base import score_safely
+
+
+@dataclass
+class GenerationConfig:
+    """Settings of one group dataset. Fields up to ``reward`` decide its content (the manifest's identity)."""
+
+    task: str = "ocr"  # a prompt set: ocr, geneval, or custom (with prompt_file)
+    model: str = TINY  # "tiny", a diffusers FLUX directory, or a hub id
+    revision: str | None = None
+    prompt_file: str | None = None
+    split: str = "train"
+    seed: int = 0
+    k: int = 16  # images generated per prompt (k_gen); training later draws k <= k_gen of them
+    height: int | None = None  # None: 32 on the tiny model, 512 otherwise
+    width: int | None = None
+    num_steps: int | None = None  # None: 8 on the tiny model, 28 otherwise (FLUX.1-dev)
+    guidance_scale: float = 3.5
+    reward: dict = field(default_factory=dict)  # {"name": ..., options} over the task's default reward
+    num_prompts: int = 64
+    out: str = "runs/groups"
+    prompts_per_batch: int = 4
+    generation_actors: tuple[int, int] = (1, 1)  # (min, max): the pool grows with the cluster up to max
+    scoring_actors: tuple[int, int] = (1, 1)
+    gpus_per_generator: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    gpus_per_scorer: float = 0.0
+
+    def __post_init__(self):
+        tiny = self.model == TINY
+        self.height = self.height or (32 if tiny else 512)
+        self.width = self.width or (32 if tiny else 512)
+        self.num_steps = self.num_steps or (8 if tiny else 28)
+        self.reward = reward_for_task(self.task, self.prompt_file, self.reward)
+        if self.k < 2:
+            raise ValueError(f"k (images per prompt) must be >= 2 to form a group, got {self.k}")
+        if self.num_prompts < 1:
+            raise ValueError(f"num_prompts must be >= 1, got {self.num_prompts}")
+        for name in ("generation_actors", "scoring_actors"):
+            low, high = getattr(self, name)
+            if not 1 <= low <= high:
+                raise ValueError(f"{name} must be (min, max) with 1 <= min <= max, got {(low, high)}")
+
+    def identity(self) -> dict:
+        return {
+            "task": self.task,
+            "model": self.model,
+            "revision": self.revision,
+            "prompt_file": _file_identity(self.prompt_file),
+            "split": self.split,
+            "seed": self.seed,
+            "k": self.k,
+            "sampler": self.sampler(),
+            "reward": self.reward,
+        }
+
+    def sampler(self) -> dict:
+        return {"height": self.height, "width": self.width, "num_steps": self.num_steps, "guidance_scale": self.guidance_scale}
+
+
+def derive_seed(dataset_seed: int, prompt_id: str, index: int) -> int:
+    """The seed of image ``index`` of a prompt: stable across runs, machines and batchings."""
+    digest = hashlib.sha256(f"{dataset_seed}/{prompt_id}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class GroupGenerator:
+    """Ray Data actor: one model replica; turns a batch of prompts into groups of k images."""
+
+    def __init__(self, config: GenerationConfig):
+        self.config = config
+        self.model = load_flow_model(config.model, revision=config.revision)
+        self.model.guidance_scale = config.guidance_scale
+
+    def __call__(self, batch: dict) -> pa.Table:
+        config, started = self.config, time.perf_counter()
+        prompts = self.model.encode_prompts([str(p) for p in batch["prompt"]])
+        rows = []
+        for index, prompt_id in enumerate(batch["prompt_id"]):
+            seeds = [derive_seed(config.seed, str(prompt_id), i) for i in range(config.k)]
+            group = self.model.generate(prompts.select([index]), seeds, config.height, config.width, config.num_steps)
+            latents, latents_shape, latents_dtype = tensor_to_bytes(group.latents)
+            sequence, sequence_shape, embeds_dtype = tensor_to_bytes(prompts.sequence[index])
+            pooled, pooled_shape, _ = tensor_to_bytes(prompts.pooled[index])
+            rows.append(
+                {
+                    "prompt_id": str(prompt_id),
+                    "prompt": str(batch["prompt"][index]),
+                    "task": config.task,
+                    "metadata": str(batch["metadata"][index]),
+                    "seeds": seeds,
+                    "images": [image_to_png(image) for image in group.images],
+                    "latents": latents,
+                    "latents_shape": latents_shape,
+                    "latents_dtype": latents_dtype,
+                    "prompt_embeds": sequence,
+                    "prompt_embeds_shape": sequence_shape,
+                    "pooled_embeds": pooled,
+                    "pooled_embeds_shape": pooled_shape,
+                    "embeds_dtype": embeds_dtype,
+                    "sampler": json.dumps(config.sampler()),
+                }
+            )
+        table = pa.Table.from_pylist(rows)
+        seconds = time.perf_counter() - started
+        return table.append_column("generation_seconds", pa.array([seconds / len(rows)] * len(rows)))
+
+
+class GroupScorer:
+    """Ray Data actor: one reward model; scores each group and writes the batch as one shard."""
+
+    def __init__(self, config: GenerationConfig, shard_directory: str):
+        self.reward = build_reward(config.reward)
+        self.reward.load()  # a reward model that cannot load fails the run here, not each image
+        self.shard_directory = shard_directory
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        started = time.perf_counter()
+        for row in rows:
+            metadata = {**json.loads(row["metadata"]), "prompt": row["prompt"]}
+            images = [png_to_image(png) for png in row["images"]]
+            results = score_safely(self.reward, images, [metadata] * len(images))
+            row["rewards"] = [float(result.reward) for result in results]
+            row["reward_details"] = [json.dumps(result.details) for result in results]
+        scored = time.perf_counter()
+        write_shard([{k: v for k, v in row.items() if k != "generation_seconds"} for row in rows], self.shard_directory)
+        written = time.perf_counter()
+        return pa.table(
+            {
+                "prompt_id": [row["prompt_id"] for row in rows],
+                "mean_reward": [sum(row["rewards"]) / len(row["rewards"]) for row in rows],
+                "generation_seconds": [row["generation_seconds"] for row in rows],
+                "scoring_seconds": [(scored - started) / len(rows)] * len(rows),
+                "writing_seconds": [(written - scored) / len(rows)] * len(rows),
+            }
+        )
+
+
+def pending_prompts(config: GenerationConfig, overwrite: bool = False) -> list[PromptRecord]:
+    """The prompts of this dataset not yet written; checks (or clears, with overwrite) what is there."""
+    out = Path(config.out)
+    if overwrite and out.exists():
+        for path in shard_paths(out):
+            path.unlink()
+        (out / MANIFEST_NAME).unlink(missing_ok=True)
+    check_resumable(out, config.identity())
+    out.mkdir(parents=True, exist_ok=True)
+    remove_partial_shards(out)
+    prompts = load_prompts(
+        config.task, num_prompts=config.num_prompts, seed=config.seed, split=config.split, path=config.prompt_file
+    )
+    done = written_prompt_ids(out)
+    return [prompt for prompt in prompts if prompt.prompt_id not in done]
+
+
+def generate_groups(config: GenerationConfig, overwrite: bool = False, progress: bool = True) -> dict:
+    """Build (or complete) the group dataset in ``config.out`` on the current Ray cluster.
+
+    Returns the manifest, with counts and the mean per-stage seconds per group of this run.
+    """
+    todo = pending_prompts(config, overwrite)
+    out = Path(config.out)
+    counts = {"groups": len(written_prompt_ids(out)), "images_per_group": config.k}
+    write_manifest(out, config.identity(), counts, complete=False)
+    stage_seconds = {"generation": 0.0, "scoring": 0.0, "writing": 0.0}
+    if todo:
+        summaries = _pipeline(config, todo).iter_batches(batch_size=None, batch_format="pyarrow")
+        with tqdm(total=len(todo), desc=f"groups of {config.k}", unit="prompt", disable=not progress) as bar:
+            for summary in summaries:
+                for stage in stage_seconds:
+                    stage_seconds[stage] += sum(summary.column(f"{stage}_seconds").to_pylist())
+                bar.update(summary.num_rows)
+    counts["groups"] = len(written_prompt_ids(out))
+    counts["generated_this_run"] = len(todo)
+    counts["seconds_per_group"] = {k: v / max(len(todo), 1) for k, v in stage_seconds.items()}
+    return write_manifest(out, config.identity(), counts, complete=True)
+
+
+def _pipeline(config: GenerationConfig, prompts: list[PromptRecord]) -> ray.data.Dataset:
+    items = [{"prompt_id": p.prompt_id, "prompt": p.prompt, "metadata": json.dumps(p.metadata)} for p in prompts]
+    gpus = config.gpus_per_generator
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return (
+        ray.data.from_items(items)
+        .map_batches(
+            GroupGenerator,
+            fn_constructor_kwargs={"config": config},
+            compute=ray.data.ActorPoolStrategy(min_size=config.generation_actors[0], max_size=config.generation_actors[1]),
+            batch_size=config.prompts_per_batch,
+            num_gpus=gpus,
+            num_cpus=1,
+        )
+        .map_batches(
+            GroupScorer,
+            fn_constructor_kwargs={"config": config, "shard_directory": str(Path(config.out).resolve())},
+            compute=ray.data.ActorPoolStrategy(min_size=config.scoring_actors[0], max_size=config.scoring_actors[1]),
+            batch_size=config.prompts_per_batch,
+            batch_format="pyarrow",
+            num_gpus=config.gpus_per_scorer,
+            num_cpus=1,
+        )
+    )
+
+
+def _file_identity(path: str | None) -> dict | None:
+    """A prompt file enters the identity by content, so an edited file is a different dataset."""
+    if path is None:
+        return None
+    data = Path(path).read_bytes() if Path(path).is_file() else b""
+    return {"name": Path(path).name, "sha256": hashlib.sha256(data).hexdigest()[:16]}

@@ -1,0 +1,53 @@
+"""manifest.json beside the shards: what produced a group dataset, and whether a rerun may extend it.
+
+The identity (model, revision, task, prompt source, reward, sampler, k, seed, split) decides the
+content of every row; its hash is the config hash. A rerun with the same identity resumes; a rerun
+with another identity would mix two datasets and is refused unless the user asks to overwrite.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+MANIFEST_NAME = "manifest.json"
+
+
+class ManifestMismatch(ValueError):
+    pass
+
+
+def config_hash(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_manifest(directory: str | Path) -> dict | None:
+    path = Path(directory) / MANIFEST_NAME
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"manifest {str(path)!r} is not valid JSON ({error})") from error
+
+
+def check_resumable(directory: str | Path, identity: dict) -> None:
+    """Raise ManifestMismatch naming each setting that differs from the dataset already there."""
+    existing = read_manifest(directory)
+    if existing is None or existing.get("config_hash") == config_hash(identity):
+        return
+    before = existing.get("identity", {})
+    changed = sorted(key for key in identity.keys() | before.keys() if before.get(key) != identity.get(key))
+    details = "; ".join(f"{key}: {before.get(key)!r} -> {identity.get(key)!r}" for key in changed)
+    raise ManifestMismatch(
+        f"{str(directory)!r} holds a group dataset made with other settings ({details}). "
+        "Use another output directory, or pass --overwrite to delete it and start again."
+    )
+
+
+def write_manifest(directory: str | Path, identity: dict, counts: dict, complete: bool) -> dict:
+    manifest = {"config_hash": config_hash(identity), "identity": identity, "counts": counts, "complete": complete}
+    path = Path(directory) / MANIFEST_NAME
+    partial = path.with_suffix(".json.tmp")
+    partial.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    partial.replace(path)
+    return manifest

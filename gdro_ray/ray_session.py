@@ -1,0 +1,21 @@
+"""Joining Ray: the cluster when there is one, a fresh local Ray otherwise."""
+
+import os
+
+import ray
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connect to the cluster named by RAY_ADDRESS (set by `ray job submit` too), else start Ray here.
+
+    A bare ray.init() would join any cluster an earlier `ray start` left behind; address="local"
+    always starts a fresh one. Local Ray gets at least 4 logical CPUs: the generation and scoring
+    actor pools and Ray Data's own tasks need a slot each even on a 2-core machine.
+    """
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the jobs show their own bars

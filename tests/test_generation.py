@@ -1,0 +1,121 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gdro_ray.data.generation import GenerationConfig, derive_seed, generate_groups
+from gdro_ray.data.manifest import ManifestMismatch, read_manifest
+from gdro_ray.data.records import decode_group, png_to_image
+from gdro_ray.data.shards import read_shards, shard_paths
+from gdro_ray.models import load_flow_model
+from gdro_ray.ray_session import init_ray
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    init_ray(num_cpus=4)
+    yield
+    ray.shutdown()
+
+
+def small_config(out, **overrides):
+    settings = dict(task="ocr", num_prompts=3, k=4, num_steps=2, prompts_per_batch=2, out=str(out))
+    return GenerationConfig(**{**settings, **overrides})
+
+
+def test_small_run_writes_groups_that_load_back_as_tensors(ray_cluster, tmp_path):
+    config = small_config(tmp_path / "groups")
+    manifest = generate_groups(config, progress=False)
+    assert manifest["complete"] and manifest["counts"]["groups"] == 3
+    assert manifest["identity"]["reward"] == {"name": "ocr", "engine": "rapidocr", "min_side": 256}
+    assert set(manifest["counts"]["seconds_per_group"]) == {"generation", "scoring", "writing"}
+
+    rows = read_shards(config.out).to_pylist()
+    assert len({row["prompt_id"] for row in rows}) == 3
+    model = load_flow_model("tiny")
+    for row in rows:
+        group = decode_group(row)
+        assert group["latents"].shape == (4, 64, 16) and group["latents"].dtype == torch.float32
+        assert group["prompt_embeds"].shape == (32, 32) and group["pooled_embeds"].shape == (32,)
+        assert group["rewards"].shape == (4,) and ((group["rewards"] >= 0) & (group["rewards"] <= 1)).all()
+        assert all("recognised" in details or "error" in details for details in group["reward_details"])
+        assert group["seeds"] == [derive_seed(0, row["prompt_id"], i) for i in range(4)]
+        assert png_to_image(row["images"][0]).size == (32, 32)
+        assert json.loads(row["sampler"]) == {"height": 32, "width": 32, "num_steps": 2, "guidance_scale": 3.5}
+        # The stored latents are what the model generates from those seeds, and the cached
+        # embeddings are its prompt encoding: training can trust them without re-running anything.
+        prompt = model.encode_prompts([row["prompt"]])
+        again = model.generate(prompt, group["seeds"][:2], 32, 32, 2)
+        torch.testing.assert_close(again.latents, group["latents"][:2], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(prompt.sequence[0], group["prompt_embeds"])
+
+
+def test_rerun_resumes_and_a_changed_config_is_refused(ray_cluster, tmp_path):
+    out = tmp_path / "groups"
+    generate_groups(small_config(out, num_prompts=2), progress=False)
+    first_shards = shard_paths(out)
+    again = generate_groups(small_config(out, num_prompts=2), progress=False)
+    assert again["counts"]["generated_this_run"] == 0 and shard_paths(out) == first_shards
+
+    more = generate_groups(small_config(out, num_prompts=4), progress=False)
+    assert more["counts"]["generated_this_run"] == 2 and more["counts"]["groups"] == 4
+    assert len(read_shards(out)) == 4  # read_shards also checks that no prompt id repeats
+
+    with pytest.raises(ManifestMismatch, match=r"k: 4 -> 3.*--overwrite"):
+        generate_groups(small_config(out, k=3), progress=False)
+    replaced = generate_groups(small_config(out, k=3, num_prompts=1), overwrite=True, progress=False)
+    assert replaced["counts"]["groups"] == 1 and replaced["identity"]["k"] == 3
+
+
+def test_a_killed_run_then_rerun_writes_each_prompt_exactly_once(tmp_path):
+    out = tmp_path / "groups"
+    command = [sys.executable, str(ROOT / "jobs" / "generate.py"), "--task", "ocr", "--num-prompts", "6", "--k", "3",
+               "--num-steps", "2", "--prompts-per-batch", "1", "--out", str(out), "--no-progress"]
+    environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    process = subprocess.Popen(command, env=environment, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not shard_paths(out) and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        assert shard_paths(out), "the first run wrote no shard before the deadline"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        process.wait()
+    assert read_manifest(out)["complete"] is False
+
+    finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    ids = read_shards(out, columns=["prompt_id"]).column("prompt_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 6
+    manifest = read_manifest(out)
+    # What the killed run finished stays (an actor may even finish a shard after its driver died).
+    assert manifest["complete"] and manifest["counts"]["generated_this_run"] < 6
+
+
+def test_a_corrupt_shard_is_named(tmp_path):
+    (tmp_path / "group-deadbeef.parquet").write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(ValueError, match="group-deadbeef.parquet.*corrupt"):
+        read_shards(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no group shards"):
+        read_shards(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [({"k": 1}, "k .* must be >= 2"), ({"num_prompts": 0}, "num_prompts"), ({"generation_actors": (2, 1)}, "min <= max")],
+)
+def test_bad_generation_settings_are_refused(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        small_config(tmp_path, **overrides)
