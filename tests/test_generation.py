@@ -119,3 +119,15 @@ def test_a_corrupt_shard_is_named(tmp_path):
 def test_bad_generation_settings_are_refused(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         small_config(tmp_path, **overrides)
+
+
+def test_each_task_has_a_full_reward_spec_and_unknown_ones_are_named():
+    from gdro_ray.rewards import reward_for_task
+
+    assert reward_for_task("geneval")["mode"] == "partial"
+    assert reward_for_task("custom", "prompts.jsonl")["name"] == "geneval"
+    assert reward_for_task("custom", "prompts.txt", {"engine": "easyocr"}) == {"name": "ocr", "engine": "easyocr", "min_side": 256}
+    with pytest.raises(ValueError, match="needs a prompt file"):
+        reward_for_task("custom")
+    with pytest.raises(ValueError, match="no reward for 'aesthetics'"):
+        reward_for_task("ocr", overrides={"name": "aesthetics"})

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from gdro_ray.data.prompts import (
-    COCO_CLASSES,
+    GENEVAL_CLASSES,
     GENEVAL_TAGS,
     OCR_TEMPLATES,
     OCR_TEXTS,
@@ -66,7 +66,7 @@ def test_generated_geneval_values_follow_geneval_rules():
     for record in geneval_prompts(seed=1, n=600):
         meta = record.metadata
         include = meta["include"]
-        assert all(clause["class"] in COCO_CLASSES for clause in include)
+        assert all(clause["class"] in GENEVAL_CLASSES for clause in include)
         if meta["tag"] == "counting":
             (clause,) = include
             assert clause["count"] in (2, 3, 4)
@@ -104,11 +104,6 @@ def test_geneval_prompt_conventions():
         "include": [{"class": "teddy bear", "count": 1}, {"class": "dog", "count": 1, "position": ["right of", 0]}],
     }
     assert geneval_prompt(position) == "a photo of a dog right of a teddy bear"
-
-
-@needs_shared_data
-def test_coco_classes_are_genevals():
-    assert list(COCO_CLASSES) == (SHARED_DATA / "geneval_object_names.txt").read_text().split("\n")[:80]
 
 
 # ---- generated OCR prompts ----

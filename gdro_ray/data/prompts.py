@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from gdro_ray.rewards.geneval import GENEVAL_CLASSES, GENEVAL_COLORS, GENEVAL_TAGS, POSITION_RELATIONS
 from gdro_ray.rewards.ocr import ocr_target
 
 
@@ -41,25 +42,8 @@ def make_record(kind: str, prompt: str, metadata: dict) -> PromptRecord:
 
 # ---- GenEval ----------------------------------------------------------------------------------------
 
-GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-
-# The 80 COCO classes, in GenEval's order and spelling (prompts/object_names.txt).
-COCO_CLASSES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
-    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
-    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-)  # fmt: skip
-
 # GenEval never asks for a coloured person.
-COLOURABLE_CLASSES = tuple(name for name in COCO_CLASSES if name != "person")
-GENEVAL_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
-GENEVAL_POSITIONS = ("left of", "right of", "above", "below")
+COLOURABLE_CLASSES = tuple(name for name in GENEVAL_CLASSES if name != "person")
 GENEVAL_COUNTS = (2, 3, 4)
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 
@@ -95,12 +79,12 @@ def geneval_prompt(metadata: dict) -> str:
 def _draw_geneval_metadata(tag: str, rng: random.Random) -> dict:
     """One GenEval metadata record of the given tag, keys in GenEval's order."""
     if tag == "single_object":
-        return {"tag": tag, "include": [{"class": rng.choice(COCO_CLASSES), "count": 1}]}
+        return {"tag": tag, "include": [{"class": rng.choice(GENEVAL_CLASSES), "count": 1}]}
     if tag == "two_object":
-        first, second = rng.sample(COCO_CLASSES, 2)
+        first, second = rng.sample(GENEVAL_CLASSES, 2)
         return {"tag": tag, "include": [{"class": first, "count": 1}, {"class": second, "count": 1}]}
     if tag == "counting":
-        name, count = rng.choice(COCO_CLASSES), rng.choice(GENEVAL_COUNTS)
+        name, count = rng.choice(GENEVAL_CLASSES), rng.choice(GENEVAL_COUNTS)
         # Exactly `count`: at least count (include) and fewer than count + 1 (exclude).
         return {
             "tag": tag,
@@ -108,17 +92,17 @@ def _draw_geneval_metadata(tag: str, rng: random.Random) -> dict:
             "exclude": [{"class": name, "count": count + 1}],
         }
     if tag == "colors":
-        clause = {"class": rng.choice(COLOURABLE_CLASSES), "count": 1, "color": rng.choice(GENEVAL_COLOURS)}
+        clause = {"class": rng.choice(COLOURABLE_CLASSES), "count": 1, "color": rng.choice(GENEVAL_COLORS)}
         return {"tag": tag, "include": [clause]}
     if tag == "position":
-        placed, anchor = rng.sample(COCO_CLASSES, 2)
-        relation = rng.choice(GENEVAL_POSITIONS)
+        placed, anchor = rng.sample(GENEVAL_CLASSES, 2)
+        relation = rng.choice(POSITION_RELATIONS)
         # [relation, index of the clause it is relative to], as GenEval writes it.
         placed_clause = {"class": placed, "count": 1, "position": [relation, 0]}
         return {"tag": tag, "include": [{"class": anchor, "count": 1}, placed_clause]}
     if tag == "color_attr":
         names = rng.sample(COLOURABLE_CLASSES, 2)
-        colours = rng.sample(GENEVAL_COLOURS, 2)
+        colours = rng.sample(GENEVAL_COLORS, 2)
         include = [{"class": name, "count": 1, "color": colour} for name, colour in zip(names, colours, strict=True)]
         return {"tag": tag, "include": include}
     raise ValueError(f"unknown GenEval tag {tag!r}; known: {GENEVAL_TAGS}")

@@ -6,13 +6,17 @@ included, so that a dataset says exactly how it was scored.
 
 from pathlib import Path
 
+import torch
+
 from gdro_ray.rewards.base import Reward, RewardResult, score_safely
+from gdro_ray.rewards.geneval_backend import DEFAULT_CLIP_ID, DEFAULT_DETECTOR_ID
 
 __all__ = ["Reward", "RewardResult", "build_reward", "reward_for_task", "score_safely"]
 
 # The reward each prompt set is scored with, and its default options.
 DEFAULT_SPECS = {
     "ocr": {"name": "ocr", "engine": "rapidocr", "min_side": 256},
+    "geneval": {"name": "geneval", "mode": "partial", "detector": DEFAULT_DETECTOR_ID, "clip": DEFAULT_CLIP_ID},
 }
 
 
@@ -36,4 +40,12 @@ def build_reward(spec: dict) -> Reward:
         from gdro_ray.rewards.ocr import OCRReward
 
         return OCRReward(**options)
+    if spec.get("name") == "geneval":
+        from gdro_ray.rewards.geneval import GenEvalReward
+        from gdro_ray.rewards.geneval_backend import ClipColorClassifier, TransformersDetector
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        detector = TransformersDetector.from_pretrained(options.pop("detector"), device=device)
+        colors = ClipColorClassifier.from_pretrained(options.pop("clip"), device=device)
+        return GenEvalReward(detector, colors, **options)
     raise ValueError(f"unknown reward {spec.get('name')!r}; known rewards: {sorted(DEFAULT_SPECS)}")
