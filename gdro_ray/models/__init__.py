@@ -23,9 +23,12 @@ __all__ = [
 
 
 def load_flow_model(
-    model: str = TINY, device: str | torch.device | None = None, revision: str | None = None
+    model: str = TINY, device: str | torch.device | None = None, revision: str | None = None, text_encoders: bool = True
 ) -> FlowModel:
-    """``tiny`` (the embedded tiny FLUX, built offline), a diffusers FLUX directory, or a hub id."""
+    """``tiny`` (the embedded tiny FLUX, built offline), a diffusers FLUX directory, or a hub id.
+
+    text_encoders=False leaves the text encoders out of a real checkpoint (training needs none).
+    """
     if model == TINY:
         return FluxModel(build_tiny_flux_pipeline(), device=device)
-    return FluxModel.from_pretrained(model, device=device, revision=revision)
+    return FluxModel.from_pretrained(model, device=device, revision=revision, text_encoders=text_encoders)

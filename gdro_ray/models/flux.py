@@ -25,19 +25,25 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_flux_pipeline(source: str, dtype: torch.dtype, revision: str | None = None) -> FluxPipeline:
-    """A FluxPipeline from a local diffusers directory or a hub id, safetensors only, no remote code."""
+def load_flux_pipeline(
+    source: str, dtype: torch.dtype, revision: str | None = None, text_encoders: bool = True
+) -> FluxPipeline:
+    """A FluxPipeline from a local diffusers directory or a hub id, safetensors only, no remote code.
+
+    text_encoders=False skips CLIP and T5 (about 10 GB on FLUX.1): training reads cached embeddings.
+    """
+    skipped = {} if text_encoders else dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ValueError(f"model path {source!r} is not a diffusers pipeline: it has no model_index.json")
-        return FluxPipeline.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        return FluxPipeline.from_pretrained(path, dtype=dtype, use_safetensors=True, **skipped)
     if path.exists() or not HUB_ID.match(source):
         raise FileNotFoundError(
             f"model {source!r} is neither a diffusers pipeline directory nor a hub id like 'black-forest-labs/FLUX.1-dev'"
         )
     try:
-        return FluxPipeline.from_pretrained(source, dtype=dtype, revision=revision, use_safetensors=True)
+        return FluxPipeline.from_pretrained(source, dtype=dtype, revision=revision, use_safetensors=True, **skipped)
     except OSError as error:
         raise OSError(
             f"could not load {source!r} from the hub (no local directory of that name exists; gated FLUX.1 "
@@ -67,16 +73,18 @@ class FluxModel(FlowModel):
         self.transformer = pipeline.transformer
         self.guidance_scale = guidance_scale  # used only by guidance-distilled models (FLUX.1-dev)
         # T5 length: 512 on FLUX.1, the tokenizer's own length on small models.
-        self.max_sequence_length = min(512, pipeline.tokenizer_2.model_max_length)
+        if pipeline.tokenizer_2 is not None:
+            self.max_sequence_length = min(512, pipeline.tokenizer_2.model_max_length)
 
     @classmethod
     def from_pretrained(
         cls, source: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None, **kwargs
     ) -> "FluxModel":
         revision = kwargs.pop("revision", None)
+        text_encoders = kwargs.pop("text_encoders", True)
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or default_dtype(target)
-        return cls(load_flux_pipeline(source, dtype, revision), target, dtype, **kwargs)
+        return cls(load_flux_pipeline(source, dtype, revision, text_encoders), target, dtype, **kwargs)
 
     @property
     def vae_scale_factor(self) -> int:

@@ -17,6 +17,7 @@ __all__ = ["Reward", "RewardResult", "build_reward", "reward_for_task", "score_s
 DEFAULT_SPECS = {
     "ocr": {"name": "ocr", "engine": "rapidocr", "min_side": 256},
     "geneval": {"name": "geneval", "mode": "partial", "detector": DEFAULT_DETECTOR_ID, "clip": DEFAULT_CLIP_ID},
+    "brightness": {"name": "brightness"},
 }
 
 
@@ -36,6 +37,10 @@ def reward_for_task(task: str, prompt_file: str | None = None, overrides: dict |
 
 def build_reward(spec: dict) -> Reward:
     options = {key: value for key, value in spec.items() if key != "name"}
+    if spec.get("name") == "brightness":
+        from gdro_ray.rewards.brightness import BrightnessReward
+
+        return BrightnessReward()
     if spec.get("name") == "ocr":
         from gdro_ray.rewards.ocr import OCRReward
 

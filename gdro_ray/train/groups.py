@@ -1,0 +1,61 @@
+"""From stored group rows to training batches: draw k members per group, pad and mask small groups.
+
+Documented behaviour for awkward data:
+- a group with fewer than k images is used whole: its missing members are padded and masked, so it
+  contributes the loss of a smaller group;
+- a group whose rewards are all equal carries no ranking; such groups are left out when the dataset
+  is read (``ranked_prompt_ids``), and a dataset with none left is refused;
+- k larger than every group of the dataset is refused: lower k or generate more images per prompt.
+"""
+
+import json
+
+import pyarrow.compute as pc
+import torch
+
+from gdro_ray.data.records import tensor_from_bytes
+from gdro_ray.data.shards import read_shards
+from gdro_ray.models.base import PromptEmbeddings
+from gdro_ray.train.step import GroupBatch
+
+TRAINING_COLUMNS = [
+    "prompt_id", "rewards", "latents", "latents_shape", "latents_dtype", "prompt_embeds",
+    "prompt_embeds_shape", "pooled_embeds", "pooled_embeds_shape", "embeds_dtype", "sampler",
+]  # fmt: skip
+
+
+def ranked_prompt_ids(directory: str, k: int) -> tuple[list[str], dict]:
+    """The groups worth training on, and counts of what was left out and why."""
+    table = read_shards(directory, columns=["prompt_id", "rewards"])
+    rewards = table.column("rewards")
+    sizes = pc.list_value_length(rewards).to_pylist()
+    if k > max(sizes):
+        raise ValueError(f"k={k} but the groups in {directory!r} hold at most {max(sizes)} images; "
+                         "lower k or generate more images per prompt")
+    spread = [max(r) > min(r) for r in rewards.to_pylist()]
+    ids = [pid for pid, ranked in zip(table.column("prompt_id").to_pylist(), spread) if ranked]
+    if not ids:
+        raise ValueError(f"every group in {directory!r} has all-equal rewards: there is no ranking to learn")
+    counts = {"groups": len(sizes), "ranked_groups": len(ids), "tied_groups_left_out": len(sizes) - len(ids),
+              "groups_smaller_than_k": sum(size < k for size in sizes)}
+    return ids, counts
+
+
+def group_batch(rows: list[dict], k: int, generator: torch.Generator) -> GroupBatch:
+    """Draw k members of each group (all of a smaller group, masked to k) into one GroupBatch."""
+    latents, rewards, masks = [], [], []
+    for row in rows:
+        members = tensor_from_bytes(row["latents"], row["latents_shape"], row["latents_dtype"])
+        group_rewards = torch.tensor(list(row["rewards"]), dtype=torch.float32)
+        size = members.shape[0]
+        pick = torch.randperm(size, generator=generator)[:k]
+        padding = k - len(pick)
+        latents.append(torch.cat([members[pick], members.new_zeros(padding, *members.shape[1:])]))
+        rewards.append(torch.cat([group_rewards[pick], group_rewards.new_zeros(padding)]))
+        masks.append(torch.arange(k) < len(pick))
+    sequence = torch.stack([tensor_from_bytes(r["prompt_embeds"], r["prompt_embeds_shape"], r["embeds_dtype"]) for r in rows])
+    pooled = torch.stack([tensor_from_bytes(r["pooled_embeds"], r["pooled_embeds_shape"], r["embeds_dtype"]) for r in rows])
+    sampler = json.loads(rows[0]["sampler"])
+    mask = torch.stack(masks)
+    return GroupBatch(torch.stack(latents), torch.stack(rewards), PromptEmbeddings(sequence, pooled),
+                      sampler["height"], sampler["width"], None if mask.all() else mask)

@@ -1,0 +1,143 @@
+import dataclasses
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+from diffusers import FluxPipeline
+
+from gdro_ray.config import TrainConfig, build_config, read_yaml
+from gdro_ray.data.generation import GenerationConfig, generate_groups
+from gdro_ray.data.shards import read_shards, write_shard
+from gdro_ray.models import FluxModel
+from gdro_ray.ray_session import init_ray
+from gdro_ray.train.trainer import run_training
+
+TRAIN_DEFAULTS = dict(task="ocr", k=4, steps=4, groups_per_step=2, lr=3e-3, lora_rank=4, lora_alpha=4.0,
+                      beta=100.0, tau=0.002, warmup_steps=0, checkpoint_every=2, num_workers=2)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    init_ray(num_cpus=6)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def groups(ray_cluster, tmp_path_factory):
+    """Groups of the tiny FLUX scored by brightness, plus one group of 3 (smaller than k) and one tie."""
+    out = tmp_path_factory.mktemp("groups")
+    config = GenerationConfig(task="ocr", reward={"name": "brightness"}, num_prompts=6, k=6, num_steps=4, out=str(out))
+    generate_groups(config, progress=False)
+    row = read_shards(out).to_pylist()[0]
+    latents_bytes = len(row["latents"]) // 6
+    small = {**row, "prompt_id": "small-group", "seeds": row["seeds"][:3], "images": row["images"][:3],
+             "latents": row["latents"][: 3 * latents_bytes], "latents_shape": [3, *row["latents_shape"][1:]],
+             "rewards": row["rewards"][:3], "reward_details": row["reward_details"][:3]}
+    tied = {**row, "prompt_id": "tied-group", "rewards": [0.5] * 6}
+    write_shard([small, tied], out)
+    return out
+
+
+def train_config(groups, tmp_path, **overrides) -> TrainConfig:
+    return TrainConfig(**{**TRAIN_DEFAULTS, "data": str(groups), "storage_path": str(tmp_path), **overrides})
+
+
+def velocity_probe(model):
+    generator = torch.Generator().manual_seed(0)
+    prompts = model.encode_prompts(['a sign that says "GDRO"'])
+    latents = torch.randn(1, 64, 16, generator=generator)
+    with torch.no_grad():
+        return model.velocity(latents, torch.tensor([0.6]), prompts, 32, 32)
+
+
+def logged_scalars(config: TrainConfig, tag: str):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(config.run_directory / "tensorboard"))
+    events.Reload()
+    return events.Scalars(tag)
+
+
+def test_two_deepspeed_workers_train_and_export_a_diffusers_lora(groups, tmp_path, tiny_flux_dir):
+    config = train_config(groups, tmp_path, name="zero2", zero_stage=2)
+    result = run_training(config)
+    assert result.error is None and result.metrics["step"] == 4
+    for name in ("loss", "loss_gdro", "loss_top1", "top1_agreement", "kendall_tau", "implicit_margin",
+                 "grad_norm", "lr", "samples_per_second"):
+        assert torch.isfinite(torch.tensor(result.metrics[name])), name
+    assert list((config.run_directory / "tensorboard").glob("events.out.tfevents.*"))
+
+    lora = config.run_directory / "lora"
+    assert build_config(read_yaml(lora / "config.yaml")) == config
+    pipeline = FluxPipeline.from_pretrained(tiny_flux_dir)
+    base = velocity_probe(FluxModel(pipeline, device="cpu"))
+    pipeline.load_lora_weights(lora)
+    assert not torch.allclose(velocity_probe(FluxModel(pipeline, device="cpu")), base)
+
+
+def test_loss_falls_when_overfitting_a_small_dataset(groups, tmp_path):
+    config = train_config(groups, tmp_path, name="overfit", num_workers=1, strategy="deepspeed", steps=24,
+                          lr=1e-2, checkpoint_every=24, ema_decay=0.0)
+    run_training(config)
+    losses = [event.value for event in logged_scalars(config, "train/loss")]  # from TensorBoard's own reader
+    assert len(losses) == 24
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05, losses
+
+
+def test_a_rerun_resumes_from_the_latest_checkpoint(groups, tmp_path):
+    first = run_training(train_config(groups, tmp_path, name="resumed", steps=4, strategy="ddp"))
+    assert first.metrics["step"] == 4 and first.metrics["attempt_start_step"] == 0
+    second = run_training(train_config(groups, tmp_path, name="resumed", steps=6, strategy="ddp"))
+    assert second.metrics["step"] == 6 and second.metrics["attempt_start_step"] == 4
+
+
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint(groups, tmp_path):
+    from ray.util.state import list_actors
+
+    config = train_config(groups, tmp_path, name="killed", steps=40, checkpoint_every=2, max_failures=2)
+    killed = []
+
+    def kill_a_worker_after_the_first_checkpoint():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not list(config.run_directory.glob("checkpoint_*")):
+            time.sleep(0.5)
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        if workers:
+            os.kill(workers[-1].pid, signal.SIGKILL)
+            killed.append(workers[-1].pid)
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    result = run_training(config)
+    killer.join()
+    assert killed, "no worker was found to kill"
+    assert result.error is None and result.metrics["step"] == 40
+    assert result.metrics["attempt_start_step"] > 0  # the last attempt began from a checkpoint
+
+
+def test_non_finite_losses_stop_the_run_with_a_clear_error(groups, tmp_path):
+    broken = tmp_path / "broken"
+    rows = read_shards(groups).to_pylist()[:4]
+    nan = torch.full((6, 64, 16), float("nan")).numpy().tobytes()
+    write_shard([{**row, "latents": nan} for row in rows if len(row["rewards"]) == 6], broken)
+    config = train_config(broken, tmp_path, name="nan", num_workers=1, strategy="ddp", max_failures=0,
+                          max_nonfinite_steps=3, groups_per_step=1)
+    with pytest.raises(Exception, match="non-finite losses in a row"):
+        run_training(config)
+
+
+def test_config_round_trips_and_refuses_bad_values():
+    config = TrainConfig(data="somewhere", beta=6.0)
+    assert build_config(dataclasses.asdict(config)) == config
+    with pytest.raises(ValueError, match="'beta' expects float, got str"):
+        build_config({"beta": "large"})
+    with pytest.raises(ValueError, match=r"unknown config fields \['betta'\]"):
+        build_config({"betta": 1.0})
+    with pytest.raises(ValueError, match="zero_stage must be 2 or 3"):
+        TrainConfig(zero_stage=1)
