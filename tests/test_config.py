@@ -1,0 +1,53 @@
+import argparse
+import dataclasses
+
+import pytest
+
+from gdro_ray.config import PRESETS, TrainConfig, add_arguments, build_config, config_from_arguments, save_yaml
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return config_from_arguments(parser.parse_args(argv))
+
+
+@pytest.mark.parametrize("preset, task", [(p, t) for p in PRESETS for t in PRESETS[p]])
+def test_every_shipped_preset_builds_a_valid_config(preset, task):
+    config = parse(["--preset", preset, "--task", task])
+    for name, value in PRESETS[preset][task].items():
+        assert getattr(config, name) == value
+
+
+def test_paper_presets_are_the_papers_numbers():
+    ocr, geneval = parse(["--preset", "paper", "--task", "ocr"]), parse(["--preset", "paper", "--task", "geneval"])
+    assert (ocr.tau, ocr.gamma, ocr.beta, ocr.k, ocr.lr, ocr.lora_rank) == (0.05, 0.5, 12.0, 6, 3e-4, 32)
+    assert (geneval.tau, geneval.gamma, geneval.beta, geneval.k) == (0.05, 1.0, 6.0, 6)
+    assert ocr.steps == 300 and geneval.steps == 700
+
+
+def test_flags_override_yaml_which_overrides_the_preset(tmp_path):
+    path = tmp_path / "run.yaml"
+    save_yaml(TrainConfig(task="geneval", beta=3.0, steps=50), path)
+    config = parse(["--preset", "paper", "--config", str(path), "--steps", "7", "--zero-stage", "3",
+                    "--gradient-checkpointing", "true", "--max-workers", "4"])
+    assert config.task == "geneval" and config.beta == 3.0  # the file beats the preset's 6
+    assert config.steps == 7 and config.zero_stage == 3 and config.gradient_checkpointing is True
+    assert config.max_workers == 4
+
+
+def test_config_round_trips_and_refuses_bad_values(tmp_path):
+    config = TrainConfig(data="somewhere", beta=6.0)
+    assert build_config(dataclasses.asdict(config)) == config
+    with pytest.raises(ValueError, match="'beta' expects float, got str"):
+        build_config({"beta": "large"})
+    with pytest.raises(ValueError, match=r"unknown config fields \['betta'\]"):
+        build_config({"betta": 1.0})
+    with pytest.raises(ValueError, match="zero_stage must be 2 or 3"):
+        TrainConfig(zero_stage=1)
+    with pytest.raises(ValueError, match="k must be >= 2"):
+        TrainConfig(k=1)
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        parse(["--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(ValueError, match="unknown preset 'fast'"):
+        parse(["--preset", "fast"])

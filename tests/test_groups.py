@@ -1,0 +1,49 @@
+import json
+
+import pytest
+import torch
+
+from gdro_ray.data.records import tensor_to_bytes
+from gdro_ray.data.shards import write_shard
+from gdro_ray.train.groups import group_batch, ranked_prompt_ids
+
+
+def row(prompt_id, rewards, tokens=4, channels=2):
+    latents, shape, dtype = tensor_to_bytes(torch.arange(len(rewards) * tokens * channels, dtype=torch.float32)
+                                            .view(len(rewards), tokens, channels))
+    embeds, embeds_shape, embeds_dtype = tensor_to_bytes(torch.zeros(3, 5))
+    pooled, pooled_shape, _ = tensor_to_bytes(torch.zeros(5))
+    return dict(prompt_id=prompt_id, prompt="p", task="ocr", metadata="{}", seeds=list(range(len(rewards))),
+                images=[b""] * len(rewards), latents=latents, latents_shape=shape, latents_dtype=dtype,
+                prompt_embeds=embeds, prompt_embeds_shape=embeds_shape, pooled_embeds=pooled,
+                pooled_embeds_shape=pooled_shape, embeds_dtype=embeds_dtype, rewards=rewards,
+                reward_details=["{}"] * len(rewards), sampler=json.dumps({"height": 32, "width": 32}))
+
+
+def test_tied_groups_are_left_out_and_counted(tmp_path):
+    write_shard([row("a", [0.1, 0.9, 0.5, 0.2]), row("tie", [0.5] * 4), row("small", [0.3, 0.7])], tmp_path)
+    ids, counts = ranked_prompt_ids(str(tmp_path), k=3)
+    assert sorted(ids) == ["a", "small"]
+    assert counts == {"groups": 3, "ranked_groups": 2, "tied_groups_left_out": 1, "groups_smaller_than_k": 1}
+
+
+def test_small_groups_are_padded_and_masked_and_draws_keep_member_rewards(tmp_path):
+    rows = [row("a", [0.1, 0.9, 0.5, 0.2]), row("small", [0.3, 0.7])]
+    batch = group_batch(rows, k=3, generator=torch.Generator().manual_seed(0))
+    assert batch.latents.shape == (2, 3, 4, 2) and batch.rewards.shape == (2, 3)
+    assert batch.mask.tolist()[1] == [True, True, False]
+    assert batch.mask[0].all()
+    # Each drawn member keeps its own reward: member m's latents start at m * 8 in the fixture.
+    for drawn, reward in zip(batch.latents[0], batch.rewards[0]):
+        member = int(drawn[0, 0].item()) // 8
+        assert reward.item() == pytest.approx([0.1, 0.9, 0.5, 0.2][member])
+    assert (batch.height, batch.width) == (32, 32)
+
+
+def test_unusable_datasets_are_refused(tmp_path):
+    write_shard([row("a", [0.1, 0.9]), row("b", [0.2, 0.4])], tmp_path / "small")
+    with pytest.raises(ValueError, match="k=6 but the groups .* hold at most 2 images"):
+        ranked_prompt_ids(str(tmp_path / "small"), k=6)
+    write_shard([row("tie", [0.5, 0.5])], tmp_path / "ties")
+    with pytest.raises(ValueError, match="all-equal rewards"):
+        ranked_prompt_ids(str(tmp_path / "ties"), k=2)
