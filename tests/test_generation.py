@@ -43,10 +43,12 @@ def test_small_run_writes_groups_that_load_back_as_tensors(ray_cluster, tmp_path
     rows = read_shards(config.out).to_pylist()
     assert len({row["prompt_id"] for row in rows}) == 3
     model = load_flow_model("tiny")
+    text_dim = model.transformer.config.joint_attention_dim
     for row in rows:
         group = decode_group(row)
         assert group["latents"].shape == (4, 64, 16) and group["latents"].dtype == torch.float32
-        assert group["prompt_embeds"].shape == (32, 32) and group["pooled_embeds"].shape == (32,)
+        assert group["prompt_embeds"].shape == (32, text_dim)
+        assert group["pooled_embeds"].shape == (model.transformer.config.pooled_projection_dim,)
         assert group["rewards"].shape == (4,) and ((group["rewards"] >= 0) & (group["rewards"] <= 1)).all()
         assert all("recognised" in details or "error" in details for details in group["reward_details"])
         assert group["seeds"] == [derive_seed(0, row["prompt_id"], i) for i in range(4)]
@@ -122,12 +124,16 @@ def test_bad_generation_settings_are_refused(tmp_path, overrides, message):
 
 
 def test_each_task_has_a_full_reward_spec_and_unknown_ones_are_named():
-    from gdro_ray.rewards import reward_for_task
+    from gdro_ray.tasks import prompt_set, reward_for_task
 
-    assert reward_for_task("geneval")["mode"] == "partial"
-    assert reward_for_task("custom", "prompts.jsonl")["name"] == "geneval"
-    assert reward_for_task("custom", "prompts.txt", {"engine": "easyocr"}) == {"name": "ocr", "engine": "easyocr", "min_side": 256}
+    flux = "black-forest-labs/FLUX.1-dev"
+    assert reward_for_task("geneval", flux)["detector"] == "PekingU/rtdetr_r50vd_coco_o365"
+    assert reward_for_task("geneval", "tiny")["detector"] == "shapes"  # the tiny world's detector
+    assert reward_for_task("ocr", "tiny") == reward_for_task("ocr", flux)  # the same OCR reward
+    assert (prompt_set("ocr", "tiny"), prompt_set("ocr", flux)) == ("tiny-ocr", "ocr")
+    assert reward_for_task("custom", flux, "prompts.jsonl")["name"] == "geneval"
+    assert reward_for_task("custom", flux, "p.txt", {"engine": "easyocr"}) == {"name": "ocr", "engine": "easyocr", "min_side": 256}
     with pytest.raises(ValueError, match="needs a prompt file"):
-        reward_for_task("custom")
+        reward_for_task("custom", flux)
     with pytest.raises(ValueError, match="no reward for 'aesthetics'"):
-        reward_for_task("ocr", overrides={"name": "aesthetics"})
+        reward_for_task("ocr", flux, overrides={"name": "aesthetics"})

@@ -24,15 +24,16 @@ from gdro_ray.data.prompts import PromptRecord, load_prompts
 from gdro_ray.data.records import image_to_png, png_to_image, tensor_to_bytes
 from gdro_ray.data.shards import remove_partial_shards, shard_paths, write_shard, written_prompt_ids
 from gdro_ray.models import TINY, load_flow_model
-from gdro_ray.rewards import build_reward, reward_for_task
+from gdro_ray.rewards import build_reward
 from gdro_ray.rewards.base import score_safely
+from gdro_ray.tasks import prompt_set, reward_for_task
 
 
 @dataclass
 class GenerationConfig:
     """Settings of one group dataset. Fields up to ``reward`` decide its content (the manifest's identity)."""
 
-    task: str = "ocr"  # a prompt set: ocr, geneval, or custom (with prompt_file)
+    task: str = "ocr"  # ocr, geneval (on the tiny model: its glyphs and shapes worlds), or custom
     model: str = TINY  # "tiny", a diffusers FLUX directory, or a hub id
     revision: str | None = None
     prompt_file: str | None = None
@@ -57,7 +58,7 @@ class GenerationConfig:
         self.height = self.height or (32 if tiny else 512)
         self.width = self.width or (32 if tiny else 512)
         self.num_steps = self.num_steps or (8 if tiny else 28)
-        self.reward = reward_for_task(self.task, self.prompt_file, self.reward)
+        self.reward = reward_for_task(self.task, self.model, self.prompt_file, self.reward)
         if self.k < 2:
             raise ValueError(f"k (images per prompt) must be >= 2 to form a group, got {self.k}")
         if self.num_prompts < 1:
@@ -174,7 +175,7 @@ def pending_prompts(config: GenerationConfig, overwrite: bool = False) -> list[P
     out.mkdir(parents=True, exist_ok=True)
     remove_partial_shards(out)
     prompts = load_prompts(
-        config.task, num_prompts=config.num_prompts, seed=config.seed, split=config.split, path=config.prompt_file
+        prompt_set(config.task, config.model), num_prompts=config.num_prompts, seed=config.seed, split=config.split, path=config.prompt_file
     )
     done = written_prompt_ids(out)
     return [prompt for prompt in prompts if prompt.prompt_id not in done]

@@ -305,9 +305,23 @@ def _check_clauses(clauses, key: str, allow_empty: bool) -> None:
 
 # ---- Registry and split -----------------------------------------------------------------------------
 
+def _tiny_shapes(seed: int) -> Iterator[PromptRecord]:
+    from gdro_ray.tiny_world.shapes import shapes_stream  # imported late: the tiny world builds on this module
+
+    return shapes_stream(seed)
+
+
+def _tiny_glyphs(seed: int) -> Iterator[PromptRecord]:
+    from gdro_ray.tiny_world.glyphs import glyphs_stream
+
+    return glyphs_stream(seed)
+
+
 PROMPT_SETS: dict[str, Callable[[int], Iterator[PromptRecord]]] = {
     "geneval": geneval_stream,
     "ocr": ocr_stream,
+    "tiny-geneval": _tiny_shapes,  # GenEval's tags and templates over the shapes world
+    "tiny-ocr": _tiny_glyphs,  # OCR prompts over 1-3 character glyphs
 }
 SPLITS = ("train", "heldout")
 

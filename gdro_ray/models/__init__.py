@@ -25,10 +25,14 @@ __all__ = [
 def load_flow_model(
     model: str = TINY, device: str | torch.device | None = None, revision: str | None = None, text_encoders: bool = True
 ) -> FlowModel:
-    """``tiny`` (the embedded tiny FLUX, built offline), a diffusers FLUX directory, or a hub id.
+    """``tiny`` (the tiny FLUX shipped in the package), a diffusers FLUX directory, or a hub id.
 
     text_encoders=False leaves the text encoders out of a real checkpoint (training needs none).
     """
     if model == TINY:
-        return FluxModel(build_tiny_flux_pipeline(), device=device)
+        from gdro_ray.tiny_world import PRETRAINED_DIR  # the tiny world builds on this package
+
+        if not (PRETRAINED_DIR / "model_index.json").is_file():  # a checkout before its first pretraining
+            return FluxModel(build_tiny_flux_pipeline(), device=device)
+        model = str(PRETRAINED_DIR)
     return FluxModel.from_pretrained(model, device=device, revision=revision, text_encoders=text_encoders)

@@ -54,11 +54,21 @@ def build_clip_tokenizer(max_length: int = 77) -> CLIPTokenizer:
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=max_length)
 
 
+# Whole-word pieces for the prompt templates of the tiny world, so a prompt fits T5's short context in
+# a few tokens; any other text still tokenises, character by character.
+TEMPLATE_WORDS = (
+    "a an and the of photo sign that says text in bold letters poster with word label reading "
+    "square squares circle circles triangle triangles red green blue yellow two three four "
+    "left right above below"
+).split()
+
+
 def build_t5_tokenizer(max_length: int = 32) -> T5TokenizerFast:
-    # Unigram pieces: specials first (pad 0, eos 1, unk 2, as T5), then a word-start marker and characters.
+    # Unigram pieces: specials first (pad 0, eos 1, unk 2, as T5), a word-start marker, characters, words.
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     pieces += [(c, -5.0) for c in string.ascii_letters + string.digits + string.punctuation]
     pieces += [("\u2581" + c, -4.0) for c in string.ascii_letters + string.digits]
+    pieces += [("\u2581" + word, -3.0) for word in TEMPLATE_WORDS if len(word) > 1]
     # model_max_length is the T5 sequence length the FLUX adapter encodes prompts to.
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=max_length)
 

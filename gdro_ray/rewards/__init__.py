@@ -4,35 +4,22 @@ A spec is {"name": ..., options}; the manifest of a group dataset records the fu
 included, so that a dataset says exactly how it was scored.
 """
 
-from pathlib import Path
-
 import torch
 
 from gdro_ray.rewards.base import Reward, RewardResult, score_safely
 from gdro_ray.rewards.geneval_backend import DEFAULT_CLIP_ID, DEFAULT_DETECTOR_ID
 
-__all__ = ["Reward", "RewardResult", "build_reward", "reward_for_task", "score_safely"]
+__all__ = ["DEFAULT_SPECS", "Reward", "RewardResult", "build_reward", "score_safely"]
+
+SHAPES_DETECTOR = "shapes"
 
 # The reward each prompt set is scored with, and its default options.
 DEFAULT_SPECS = {
     "ocr": {"name": "ocr", "engine": "rapidocr", "min_side": 256},
     "geneval": {"name": "geneval", "mode": "partial", "detector": DEFAULT_DETECTOR_ID, "clip": DEFAULT_CLIP_ID},
     "brightness": {"name": "brightness"},
+    "tiny-geneval": {"name": "geneval", "mode": "partial", "detector": SHAPES_DETECTOR, "clip": None},
 }
-
-
-def reward_for_task(task: str, prompt_file: str | None = None, overrides: dict | None = None) -> dict:
-    """The full reward spec of a task; a custom prompt file is scored by its format (.txt OCR, .jsonl GenEval)."""
-    name = task
-    if task == "custom":
-        if prompt_file is None:
-            raise ValueError("the custom task needs a prompt file (.txt for OCR, .jsonl for GenEval)")
-        name = "ocr" if Path(prompt_file).suffix == ".txt" else "geneval"
-    overrides = overrides or {}
-    name = overrides.get("name", name)
-    if name not in DEFAULT_SPECS:
-        raise ValueError(f"no reward for {name!r}; known rewards: {sorted(DEFAULT_SPECS)}")
-    return {**DEFAULT_SPECS[name], **overrides}
 
 
 def build_reward(spec: dict) -> Reward:
@@ -49,8 +36,13 @@ def build_reward(spec: dict) -> Reward:
         from gdro_ray.rewards.geneval import GenEvalReward
         from gdro_ray.rewards.geneval_backend import ClipColorClassifier, TransformersDetector
 
+        detector_id, clip_id = options.pop("detector"), options.pop("clip")
+        if detector_id == SHAPES_DETECTOR:  # the tiny world's detector knows each object's colour itself
+            from gdro_ray.tiny_world.detector import ShapesDetector
+
+            return GenEvalReward(ShapesDetector(), None, **options)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        detector = TransformersDetector.from_pretrained(options.pop("detector"), device=device)
-        colors = ClipColorClassifier.from_pretrained(options.pop("clip"), device=device)
+        detector = TransformersDetector.from_pretrained(detector_id, device=device)
+        colors = ClipColorClassifier.from_pretrained(clip_id, device=device)
         return GenEvalReward(detector, colors, **options)
     raise ValueError(f"unknown reward {spec.get('name')!r}; known rewards: {sorted(DEFAULT_SPECS)}")

@@ -1,0 +1,53 @@
+"""Glyphs: short text (1-3 characters) rendered large on 32x32 images, with OCR-task prompts.
+
+The alphabet leaves out characters an OCR engine confuses at this size (O/0, I/1, ...), so a correct
+render always reads back correctly and a wrong one is the model's fault.
+"""
+
+import random
+from collections.abc import Iterator
+from functools import lru_cache
+
+from matplotlib import font_manager
+from PIL import Image, ImageDraw, ImageFont
+
+from gdro_ray.data.prompts import PromptRecord, make_record
+
+IMAGE_SIZE = 32
+GLYPH_ALPHABET = "ABCDEFHKLMNPRSTUXYZ2345789"
+GLYPH_TEMPLATES = (
+    'a sign that says "{text}"',
+    'the text "{text}" in bold letters',
+    'a poster with the word "{text}"',
+    'a label reading "{text}"',
+)
+
+
+def glyphs_stream(seed: int) -> Iterator[PromptRecord]:
+    """Distinct glyph prompts: a random 1-3 character text in a random template, endlessly."""
+    rng, seen = random.Random(seed), set()
+    while True:
+        text = "".join(rng.choice(GLYPH_ALPHABET) for _ in range(rng.choice((1, 2, 2, 3, 3))))
+        prompt = rng.choice(GLYPH_TEMPLATES).format(text=text)
+        if prompt not in seen:
+            seen.add(prompt)
+            yield make_record("ocr", prompt, {"text": text})
+
+
+@lru_cache(maxsize=8)
+def _font(pixels: int) -> ImageFont.FreeTypeFont:
+    # DejaVu Sans Bold ships inside matplotlib: the same font on every machine, no download.
+    path = font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans", weight="bold"))
+    return ImageFont.truetype(path, pixels)
+
+
+def render_glyphs(text: str, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
+    """Black bold text, as large as fits, centred with a pixel of jitter, on white."""
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    font = _font(int(size * 0.9 / max(len(text), 1.6)))
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    x = (size - (right - left)) / 2 - left + rng.randint(-1, 1)
+    y = (size - (bottom - top)) / 2 - top + rng.randint(-1, 1)
+    draw.text((x, y), text, fill=(0, 0, 0), font=font)
+    return image

@@ -1,0 +1,238 @@
+"""Pretraining the embedded tiny FLUX on shapes and glyphs renders, on a CPU, resumably.
+
+Two stages on the same diffusers classes as FLUX.1: (1) the AutoencoderKL learns to encode 32x32
+renders into 16x16x4 latents; its latent mean and spread become FLUX's shift and scaling factors;
+(2) the FluxTransformer2DModel and both text encoders learn rectified flow on those latents.
+
+The captions are noisy on purpose, as web captions are: some renders show another count, colour or
+text than their prompt says. A base trained to convergence on such data errs in ways the task rewards
+measure, which is what lets GDRO show a gain (shared/DESIGN.md, "Making alignment visible").
+Held-out prompts (data.prompts.is_heldout with the same seed) never appear in pretraining.
+"""
+
+import copy
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import FluxPipeline
+from diffusers.training_utils import compute_density_for_timestep_sampling
+
+from gdro_ray.data.prompts import is_heldout
+from gdro_ray.flow import noisy_latents, velocity_target
+from gdro_ray.models.tiny_flux import TinyFluxConfig, build_tiny_flux_pipeline
+from gdro_ray.tiny_world.glyphs import GLYPH_ALPHABET, glyphs_stream, render_glyphs
+from gdro_ray.tiny_world.shapes import SHAPE_COLORS, shapes_stream, render_shapes
+
+# The shipped model's sizes: about 2M transformer parameters, 64 image tokens of 16 channels.
+TINY_WORLD_MODEL = TinyFluxConfig(
+    num_layers=2, num_single_layers=2, num_attention_heads=4, attention_head_dim=32,
+    axes_dims_rope=(8, 12, 12), text_dim=64, vae_channels=(32, 64),
+)  # fmt: skip
+
+
+@dataclass
+class PretrainConfig:
+    seed: int = 0
+    heldout_fraction: float = 0.1  # as data.prompts.load_prompts: its held-out prompts stay unseen
+    batch_size: int = 64
+    vae_steps: int = 600
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    steps: int = 6000
+    lr: float = 5e-4
+    warmup_steps: int = 200
+    wrong_count_rate: float = 0.35  # shapes renders showing another count than the prompt says
+    wrong_color_rate: float = 0.15
+    wrong_text_rate: float = 0.3  # glyph renders showing another text
+    checkpoint_every: int = 200
+    time_limit_minutes: float = 50.0  # stop (and export) when reached, whatever the step
+
+
+def noisy_shapes_metadata(metadata: dict, rng: random.Random, config: PretrainConfig) -> dict:
+    """The metadata a render will show: the prompt's, or with a count or a colour changed."""
+    shown = copy.deepcopy(metadata)
+    clause = rng.choice(shown["include"])
+    if rng.random() < config.wrong_count_rate:
+        clause["count"] = rng.choice([n for n in (1, 2, 3, 4) if n != clause["count"]])
+    if "color" in clause and rng.random() < config.wrong_color_rate:
+        clause["color"] = rng.choice([c for c in SHAPE_COLORS if c != clause["color"]])
+    return shown
+
+
+def noisy_text(text: str, rng: random.Random, config: PretrainConfig) -> str:
+    if rng.random() >= config.wrong_text_rate:
+        return text
+    position = rng.randrange(len(text))
+    return text[:position] + rng.choice(GLYPH_ALPHABET.replace(text[position], "")) + text[position + 1 :]
+
+
+class RenderedPrompts:
+    """Endless (prompt, noisy render) pairs from the training split of both tiny tasks, half each."""
+
+    def __init__(self, config: PretrainConfig):
+        self.config = config
+        keep = lambda record: not is_heldout(record.prompt_id, config.seed, config.heldout_fraction)  # noqa: E731
+        self.shapes = [record for record in shapes_stream(config.seed) if keep(record)]
+        self.glyphs = glyphs_stream(config.seed + 1)
+        self.keep = keep
+
+    def batch(self, size: int, rng: random.Random) -> tuple[list[str], torch.Tensor]:
+        prompts, images = [], []
+        for index in range(size):
+            if index % 2 == 0:
+                record = rng.choice(self.shapes)
+                image = render_shapes(noisy_shapes_metadata(record.metadata, rng, self.config), rng)
+            else:
+                record = next(r for r in self.glyphs if self.keep(r))
+                image = render_glyphs(noisy_text(record.metadata["text"], rng, self.config), rng)
+            prompts.append(record.prompt)
+            images.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1))
+        return prompts, torch.stack(images)
+
+
+def pretrain(work_dir: Path, out_dir: Path, config: PretrainConfig, log=print) -> dict:
+    """Run (or resume) both stages in ``work_dir``; export the pipeline to ``out_dir``; return the recipe."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    pipeline = build_tiny_flux_pipeline(TINY_WORLD_MODEL, seed=config.seed)
+    data = RenderedPrompts(config)
+    rng = random.Random(config.seed)
+    state = _load_checkpoint(work_dir, pipeline)
+    if state is not None:
+        rng.setstate(state["python_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        log(f"resumed: stage {state['stage']}, step {state['step']}, {state['seconds']:.0f} s so far")
+    seconds_before = state["seconds"] if state else 0.0
+    started = time.perf_counter()
+    elapsed = lambda: seconds_before + time.perf_counter() - started  # noqa: E731
+
+    stage = state["stage"] if state else "vae"
+    if stage == "vae":
+        _train_vae(pipeline, data, rng, config, work_dir, state, elapsed, log)
+        state = None
+    transformer_losses = _train_transformer(pipeline, data, rng, config, work_dir, state, elapsed, log)
+
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
+    recipe = {"config": dataclasses.asdict(config), "model": dataclasses.asdict(TINY_WORLD_MODEL),
+              "seconds": round(elapsed()), "final_loss": transformer_losses[-1] if transformer_losses else None,
+              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    (out_dir / "recipe.json").write_text(json.dumps(recipe, indent=2))
+    return recipe
+
+
+def _train_vae(pipeline, data, rng, config, work_dir, state, elapsed, log) -> None:
+    vae = pipeline.vae
+    vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr)
+    step = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+    while step < config.vae_steps:
+        _, images = data.batch(config.batch_size, rng)
+        pixels = images * 2 - 1
+        posterior = vae.encode(pixels).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(reconstruction, pixels) + config.vae_kl_weight * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        step += 1
+        if step % 50 == 0:
+            log(f"vae step {step}/{config.vae_steps} loss {loss.item():.4f} ({elapsed():.0f} s)")
+        if step % config.checkpoint_every == 0 and step < config.vae_steps:
+            _save_checkpoint(work_dir, pipeline, "vae", step, optimizer, rng, elapsed())
+    vae.eval()
+    # FLUX's convention: latents = (z - shift) * scale have zero mean and unit spread.
+    with torch.no_grad():
+        _, images = data.batch(512, rng)
+        latents = vae.encode(images * 2 - 1).latent_dist.mode()
+    vae.register_to_config(shift_factor=latents.mean().item(), scaling_factor=1 / latents.std().item())
+    vae.requires_grad_(False)
+    _save_checkpoint(work_dir, pipeline, "transformer", 0, None, rng, elapsed())
+
+
+def _train_transformer(pipeline, data, rng, config, work_dir, state, elapsed, log) -> list[float]:
+    vae, transformer = pipeline.vae, pipeline.transformer
+    vae.requires_grad_(False)
+    vae.eval()
+    trained = [transformer, pipeline.text_encoder, pipeline.text_encoder_2]
+    for module in trained:
+        module.train()
+    parameters = [p for module in trained for p in module.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr)
+    schedule = lambda step: min(1.0, (step + 1) / config.warmup_steps) * (  # noqa: E731
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, config.steps) / config.steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    step = 0
+    if state is not None and state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+    tokens = (pipeline.vae.config.sample_size // (pipeline.vae_scale_factor * 2)) ** 2
+    losses = []
+    while step < config.steps and elapsed() < config.time_limit_minutes * 60:
+        prompts, images = data.batch(config.batch_size, rng)
+        with torch.no_grad():
+            z = vae.encode(images * 2 - 1).latent_dist.mode()
+            z = (z - vae.config.shift_factor) * vae.config.scaling_factor
+            x0 = FluxPipeline._pack_latents(z, *z.shape)
+        sequence, pooled, text_ids = pipeline.encode_prompt(prompts, None, device="cpu",
+                                                            max_sequence_length=pipeline.tokenizer_2.model_max_length)
+        t = compute_density_for_timestep_sampling("logit_normal", config.batch_size, logit_mean=0.0, logit_std=1.0)
+        eps = torch.randn_like(x0)
+        image_ids = FluxPipeline._prepare_latent_image_ids(1, int(tokens**0.5), int(tokens**0.5), "cpu", x0.dtype)
+        prediction = transformer(hidden_states=noisy_latents(x0, eps, t), timestep=t, pooled_projections=pooled,
+                                 encoder_hidden_states=sequence, txt_ids=text_ids, img_ids=image_ids,
+                                 return_dict=False)[0]
+        loss = F.mse_loss(prediction, velocity_target(x0, eps))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        losses.append(loss.item())
+        if step % 50 == 0:
+            log(f"transformer step {step}/{config.steps} loss {sum(losses[-50:]) / 50:.4f} "
+                f"lr {scheduler.get_last_lr()[0]:.2e} ({elapsed():.0f} s)")
+        if step % config.checkpoint_every == 0:
+            _save_checkpoint(work_dir, pipeline, "transformer", step, optimizer, rng, elapsed(), scheduler)
+    for module in trained:
+        module.eval()
+    return losses
+
+
+def _save_checkpoint(work_dir, pipeline, stage, step, optimizer, rng, seconds, scheduler=None) -> None:
+    state = {
+        "stage": stage, "step": step, "seconds": seconds,
+        "modules": {name: getattr(pipeline, name).state_dict()
+                    for name in ("vae", "transformer", "text_encoder", "text_encoder_2")},
+        "vae_config": {"shift_factor": pipeline.vae.config.shift_factor,
+                       "scaling_factor": pipeline.vae.config.scaling_factor},
+        "optimizer": optimizer.state_dict() if optimizer else None,
+        "scheduler": scheduler.state_dict() if scheduler else None,
+        "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
+    }  # fmt: skip
+    partial = work_dir / "checkpoint.pt.tmp"
+    torch.save(state, partial)
+    partial.replace(work_dir / "checkpoint.pt")
+
+
+def _load_checkpoint(work_dir, pipeline) -> dict | None:
+    path = work_dir / "checkpoint.pt"
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    for name, weights in state["modules"].items():
+        getattr(pipeline, name).load_state_dict(weights)
+    pipeline.vae.register_to_config(**state["vae_config"])
+    return state

@@ -1,0 +1,35 @@
+"""Pretrain the embedded tiny FLUX on shapes and glyphs renders (CPU, under an hour on 2 cores).
+
+    python jobs/pretrain_tiny.py                         # resumes from runs/pretrain-tiny if stopped
+    python jobs/pretrain_tiny.py --steps 200 --vae-steps 100 --out /tmp/tiny   # a quick trial
+
+The result (a diffusers FluxPipeline directory with recipe.json) replaces the shipped model when
+--out is left at its default, gdro_ray/tiny_world/pretrained.
+"""
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from gdro_ray.tiny_world import PRETRAINED_DIR
+from gdro_ray.tiny_world.pretrain import PretrainConfig, pretrain
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for field in dataclasses.fields(PretrainConfig):
+        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/pretrain-tiny"), help="checkpoints, for resume")
+    parser.add_argument("--out", type=Path, default=PRETRAINED_DIR)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
+    recipe = pretrain(args.work_dir, args.out, config, log=lambda message: print(message, flush=True))
+    print(f"saved {args.out} after {recipe['seconds']} s (final loss {recipe['final_loss']:.4f})")
+
+
+if __name__ == "__main__":
+    main()
