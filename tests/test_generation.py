@@ -41,6 +41,8 @@ def test_small_run_writes_groups_that_load_back_as_tensors(ray_cluster, tmp_path
     assert set(manifest["counts"]["seconds_per_group"]) == {"generation", "scoring", "writing"}
 
     rows = read_shards(config.out).to_pylist()
+    all_rewards = [reward for row in rows for reward in row["rewards"]]
+    assert manifest["counts"]["mean_reward"] == pytest.approx(sum(all_rewards) / len(all_rewards))
     assert len({row["prompt_id"] for row in rows}) == 3
     model = load_flow_model("tiny")
     text_dim = model.transformer.config.joint_attention_dim

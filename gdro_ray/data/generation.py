@@ -22,7 +22,7 @@ from tqdm import tqdm
 from gdro_ray.data.manifest import MANIFEST_NAME, check_resumable, write_manifest
 from gdro_ray.data.prompts import PromptRecord, load_prompts
 from gdro_ray.data.records import image_to_png, png_to_image, tensor_to_bytes
-from gdro_ray.data.shards import remove_partial_shards, shard_paths, write_shard, written_prompt_ids
+from gdro_ray.data.shards import read_shards, remove_partial_shards, shard_paths, write_shard, written_prompt_ids
 from gdro_ray.models import TINY, load_flow_model
 from gdro_ray.rewards import build_reward
 from gdro_ray.rewards.base import score_safely
@@ -198,7 +198,9 @@ def generate_groups(config: GenerationConfig, overwrite: bool = False, progress:
                 for stage in stage_seconds:
                     stage_seconds[stage] += sum(summary.column(f"{stage}_seconds").to_pylist())
                 bar.update(summary.num_rows)
-    counts["groups"] = len(written_prompt_ids(out))
+    rewards = read_shards(out, columns=["rewards"]).column("rewards").to_pylist() if shard_paths(out) else []
+    counts["groups"] = len(rewards)
+    counts["mean_reward"] = sum(map(sum, rewards)) / max(sum(map(len, rewards)), 1)
     counts["generated_this_run"] = len(todo)
     counts["seconds_per_group"] = {k: v / max(len(todo), 1) for k, v in stage_seconds.items()}
     return write_manifest(out, config.identity(), counts, complete=True)

@@ -94,10 +94,10 @@ def shape_features(mask: np.ndarray) -> ShapeFeatures:
     hull_mask = np.zeros(mask.shape, np.uint8)
     cv2.fillPoly(hull_mask, [hull], 1)
     return ShapeFeatures(
-        fill=area / (width * height),
-        offset=math.hypot(dx, dy),
-        aspect=min(width, height) / max(width, height),
-        solidity=area / max(int(hull_mask.sum()), area),
+        fill=float(area / (width * height)),
+        offset=float(math.hypot(dx, dy)),
+        aspect=float(min(width, height) / max(width, height)),
+        solidity=float(area / max(int(hull_mask.sum()), area)),
     )
 
 
