@@ -5,7 +5,7 @@ import torch
 
 from gdro_ray.data.records import tensor_to_bytes
 from gdro_ray.data.shards import write_shard
-from gdro_ray.train.groups import group_batch, ranked_prompt_ids
+from gdro_ray.train.groups import check_enough_groups, group_batch, ranked_prompt_ids
 
 
 def row(prompt_id, rewards, tokens=4, channels=2):
@@ -47,3 +47,9 @@ def test_unusable_datasets_are_refused(tmp_path):
     write_shard([row("tie", [0.5, 0.5])], tmp_path / "ties")
     with pytest.raises(ValueError, match="all-equal rewards"):
         ranked_prompt_ids(str(tmp_path / "ties"), k=2)
+
+
+def test_too_few_groups_for_the_workers_is_refused():
+    check_enough_groups(8, workers=2, groups_per_step=4)
+    with pytest.raises(ValueError, match="2 workers x 4 groups per step need at least 8"):
+        check_enough_groups(7, workers=2, groups_per_step=4)

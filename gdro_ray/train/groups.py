@@ -41,6 +41,15 @@ def ranked_prompt_ids(directory: str, k: int) -> tuple[list[str], dict]:
     return ids, counts
 
 
+def check_enough_groups(ranked_groups: int, workers: int, groups_per_step: int) -> None:
+    """Each worker needs at least one full micro-batch of its share, or its epochs would be empty."""
+    needed = workers * groups_per_step
+    if ranked_groups < needed:
+        raise ValueError(f"the dataset has {ranked_groups} groups with a ranking, but {workers} workers x "
+                         f"{groups_per_step} groups per step need at least {needed}; use fewer workers or "
+                         "groups per step, or generate more prompts")
+
+
 def group_batch(rows: list[dict], k: int, generator: torch.Generator) -> GroupBatch:
     """Draw k members of each group (all of a smaller group, masked to k) into one GroupBatch."""
     latents, rewards, masks = [], [], []

@@ -18,13 +18,14 @@ from ray.train.torch import TorchTrainer
 
 from gdro_ray.config import TrainConfig, save_yaml
 from gdro_ray.data.shards import shard_paths
-from gdro_ray.train.groups import TRAINING_COLUMNS, ranked_prompt_ids
+from gdro_ray.train.groups import TRAINING_COLUMNS, check_enough_groups, ranked_prompt_ids
 from gdro_ray.train.worker import train_worker
 
 
 def group_dataset(config: TrainConfig) -> tuple[ray.data.Dataset, dict]:
     """The groups that carry a ranking, as a Ray Dataset of the columns training reads."""
     ids, counts = ranked_prompt_ids(config.data, config.k)
+    check_enough_groups(len(ids), config.max_workers or config.num_workers, config.groups_per_step)
     paths = [str(path) for path in shard_paths(config.data)]
     dataset = ray.data.read_parquet(paths, columns=TRAINING_COLUMNS).filter(expr=col("prompt_id").is_in(ids))
     return dataset, counts
