@@ -156,7 +156,6 @@ class GroupScorer:
         return pa.table(
             {
                 "prompt_id": [row["prompt_id"] for row in rows],
-                "mean_reward": [sum(row["rewards"]) / len(row["rewards"]) for row in rows],
                 "generation_seconds": [row["generation_seconds"] for row in rows],
                 "scoring_seconds": [(scored - started) / len(rows)] * len(rows),
                 "writing_seconds": [(written - scored) / len(rows)] * len(rows),
@@ -174,9 +173,8 @@ def pending_prompts(config: GenerationConfig, overwrite: bool = False) -> list[P
     check_resumable(out, config.identity())
     out.mkdir(parents=True, exist_ok=True)
     remove_partial_shards(out)
-    prompts = load_prompts(
-        prompt_set(config.task, config.model), num_prompts=config.num_prompts, seed=config.seed, split=config.split, path=config.prompt_file
-    )
+    prompts = load_prompts(prompt_set(config.task, config.model), num_prompts=config.num_prompts, seed=config.seed,
+                           split=config.split, path=config.prompt_file)
     done = written_prompt_ids(out)
     return [prompt for prompt in prompts if prompt.prompt_id not in done]
 

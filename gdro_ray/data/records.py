@@ -56,11 +56,16 @@ def tensor_from_bytes(data: bytes, shape, dtype: str) -> torch.Tensor:
     return tensor.view(torch_dtype) if storage_dtype != torch_dtype else tensor
 
 
+def tensor_to_image(image: torch.Tensor) -> Image.Image:
+    """A (3, H, W) float image in [0, 1] -> an 8-bit RGB PIL image."""
+    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(pixels)
+
+
 def image_to_png(image: torch.Tensor) -> bytes:
     """A (3, H, W) float image in [0, 1] -> PNG bytes."""
-    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
+    tensor_to_image(image).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

@@ -72,9 +72,8 @@ class FluxModel(FlowModel):
         self.pipeline.set_progress_bar_config(disable=True)
         self.transformer = pipeline.transformer
         self.guidance_scale = guidance_scale  # used only by guidance-distilled models (FLUX.1-dev)
-        # T5 length: 512 on FLUX.1, the tokenizer's own length on small models.
-        if pipeline.tokenizer_2 is not None:
-            self.max_sequence_length = min(512, pipeline.tokenizer_2.model_max_length)
+        # T5 length: 512 on FLUX.1, the tokenizer's own length on small models (None: loaded without text encoders).
+        self.max_sequence_length = None if pipeline.tokenizer_2 is None else min(512, pipeline.tokenizer_2.model_max_length)
 
     @classmethod
     def from_pretrained(
@@ -94,6 +93,8 @@ class FluxModel(FlowModel):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeddings:
+        if self.max_sequence_length is None:
+            raise RuntimeError("this model was loaded without its text encoders (text_encoders=False)")
         sequence, pooled, text_ids = self.pipeline.encode_prompt(
             prompt=list(prompts), prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
         )

@@ -23,15 +23,23 @@ GLYPH_TEMPLATES = (
 )
 
 
+def random_glyph_prompt(rng: random.Random) -> PromptRecord:
+    """A random 1-3 character text (2 or 3 characters more often) in a random template."""
+    text = "".join(rng.choice(GLYPH_ALPHABET) for _ in range(rng.choice((1, 2, 2, 3, 3))))
+    return make_record("ocr", rng.choice(GLYPH_TEMPLATES).format(text=text), {"text": text})
+
+
 def glyphs_stream(seed: int) -> Iterator[PromptRecord]:
-    """Distinct glyph prompts: a random 1-3 character text in a random template, endlessly."""
-    rng, seen = random.Random(seed), set()
-    while True:
-        text = "".join(rng.choice(GLYPH_ALPHABET) for _ in range(rng.choice((1, 2, 2, 3, 3))))
-        prompt = rng.choice(GLYPH_TEMPLATES).format(text=text)
-        if prompt not in seen:
-            seen.add(prompt)
-            yield make_record("ocr", prompt, {"text": text})
+    """Distinct glyph prompts, until the world (about 70,000 prompts) runs out."""
+    rng, seen, misses = random.Random(seed), set(), 0
+    while misses < 1000:
+        record = random_glyph_prompt(rng)
+        if record.prompt in seen:
+            misses += 1
+            continue
+        seen.add(record.prompt)
+        misses = 0
+        yield record
 
 
 @lru_cache(maxsize=8)

@@ -28,7 +28,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling
 from gdro_ray.data.prompts import is_heldout
 from gdro_ray.flow import noisy_latents, velocity_target
 from gdro_ray.models.tiny_flux import TinyFluxConfig, build_tiny_flux_pipeline
-from gdro_ray.tiny_world.glyphs import GLYPH_ALPHABET, glyphs_stream, render_glyphs
+from gdro_ray.tiny_world.glyphs import GLYPH_ALPHABET, random_glyph_prompt, render_glyphs
 from gdro_ray.tiny_world.shapes import SHAPE_COLORS, shapes_stream, render_shapes
 
 # The shipped model's sizes: about 2M transformer parameters, 64 image tokens of 16 channels.
@@ -81,7 +81,6 @@ class RenderedPrompts:
         self.config = config
         keep = lambda record: not is_heldout(record.prompt_id, config.seed, config.heldout_fraction)  # noqa: E731
         self.shapes = [record for record in shapes_stream(config.seed) if keep(record)]
-        self.glyphs = glyphs_stream(config.seed + 1)
         self.keep = keep
 
     def batch(self, size: int, rng: random.Random) -> tuple[list[str], torch.Tensor]:
@@ -91,7 +90,8 @@ class RenderedPrompts:
                 record = rng.choice(self.shapes)
                 image = render_shapes(noisy_shapes_metadata(record.metadata, rng, self.config), rng)
             else:
-                record = next(r for r in self.glyphs if self.keep(r))
+                # Drawn with replacement: a distinct-prompt stream would run dry of short texts.
+                record = next(r for r in iter(lambda: random_glyph_prompt(rng), None) if self.keep(r))
                 image = render_glyphs(noisy_text(record.metadata["text"], rng, self.config), rng)
             prompts.append(record.prompt)
             images.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1))

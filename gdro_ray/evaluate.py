@@ -1,0 +1,96 @@
+"""Held-out evaluation: the same prompts and seeds through a base and an aligned model, scored by the
+task reward and a quality judge, summarised with the GDRO paper's corrected score, and pictured.
+
+    corrected = r_mean * (u_hat - 3) + 0.2      (u_hat: the judge's mean 1-5 rating)
+"""
+
+import csv
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from gdro_ray.data.prompts import PromptRecord
+from gdro_ray.data.records import tensor_to_image
+from gdro_ray.models.base import FlowModel
+from gdro_ray.rewards.base import Reward, score_safely
+from gdro_ray.rewards.quality import QualityJudge, corrected_score
+
+
+@dataclass
+class ImageScore:
+    prompt_id: str
+    prompt: str
+    tag: str  # the GenEval tag, or the task name for prompts without one
+    seed: int
+    reward: float
+    quality: float
+
+
+def generate_images(model: FlowModel, prompts: list[PromptRecord], seeds: list[int], height: int, width: int,
+                    num_steps: int) -> list[list[Image.Image]]:
+    """One row of images per prompt, one image per seed."""
+    embeddings = model.encode_prompts([p.prompt for p in prompts])
+    rows = []
+    for index in range(len(prompts)):
+        group = model.generate(embeddings.select([index]), seeds, height, width, num_steps)
+        rows.append([tensor_to_image(image) for image in group.images])
+    return rows
+
+
+def score_images(reward: Reward, judge: QualityJudge, prompts: list[PromptRecord], seeds: list[int],
+                 images: list[list[Image.Image]], task: str) -> list[ImageScore]:
+    scores = []
+    for prompt, row in zip(prompts, images, strict=True):
+        metadata = [{**prompt.metadata, "prompt": prompt.prompt}] * len(row)
+        rewards = score_safely(reward, row, metadata)
+        ratings = judge.rate(row, metadata)
+        tag = prompt.metadata.get("tag", task)
+        scores += [ImageScore(prompt.prompt_id, prompt.prompt, tag, seed, result.reward, rating)
+                   for seed, result, rating in zip(seeds, rewards, ratings, strict=True)]
+    return scores
+
+
+def summarise(scores: list[ImageScore]) -> dict:
+    """Mean reward, mean quality (u_hat), corrected score, and the mean reward per tag."""
+    if not scores:
+        raise ValueError("no scored images to summarise")
+    reward = sum(s.reward for s in scores) / len(scores)
+    quality = sum(s.quality for s in scores) / len(scores)
+    tags = sorted({s.tag for s in scores})
+    per_tag = {tag: _mean([s.reward for s in scores if s.tag == tag]) for tag in tags}
+    return {"reward": reward, "quality": quality, "corrected": corrected_score(reward, quality),
+            "per_tag": per_tag, "images": len(scores)}
+
+
+def write_results(directory: str | Path, name: str, scores: list[ImageScore], summary: dict) -> None:
+    """NAME.json (summary and every image's scores) and NAME.csv (one row per image)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    records = [asdict(s) for s in scores]
+    (directory / f"{name}.json").write_text(json.dumps({"summary": summary, "images": records}, indent=2))
+    with open(directory / f"{name}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def comparison_grid(base: list[list[Image.Image]], aligned: list[list[Image.Image]], scale: int = 4) -> Image.Image:
+    """One row per prompt: the base model's images, a gap, the aligned model's from the same seeds."""
+    if len(base) != len(aligned) or any(len(a) != len(b) for a, b in zip(base, aligned)):
+        raise ValueError("base and aligned images must come from the same prompts and seeds")
+    width, height = base[0][0].size
+    columns, gap = len(base[0]), width // 2
+    grid = Image.new("RGB", ((2 * columns * width + gap) * scale, len(base) * height * scale), (255, 255, 255))
+    for row, (left, right) in enumerate(zip(base, aligned)):
+        for column, image in enumerate(left + right):
+            x = column * width + (gap if column >= columns else 0)
+            grid.paste(image.resize((width * scale, height * scale), Image.NEAREST), (x * scale, row * height * scale))
+    ImageDraw.Draw(grid).line([(columns * width + gap // 2) * scale, 0, (columns * width + gap // 2) * scale,
+                               grid.height], fill=(128, 128, 128), width=max(1, scale // 2))
+    return grid
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)

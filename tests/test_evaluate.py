@@ -1,0 +1,42 @@
+import csv
+import json
+
+import pytest
+from gdro_ray.data.prompts import load_prompts
+from gdro_ray.evaluate import ImageScore, comparison_grid, generate_images, score_images, summarise, write_results
+from gdro_ray.rewards.brightness import BrightnessReward
+from gdro_ray.tiny_world.judge import TinyWorldJudge
+
+
+def test_summary_is_worked_out_by_hand():
+    scores = [ImageScore("a", "p", "counting", 1, 1.0, 5.0), ImageScore("a", "p", "counting", 2, 0.0, 4.0),
+              ImageScore("b", "q", "colors", 1, 0.5, 3.0), ImageScore("b", "q", "colors", 2, 0.5, 4.0)]
+    summary = summarise(scores)
+    # reward 0.5, u_hat 4.0, corrected 0.5 * (4 - 3) + 0.2 = 0.7
+    assert summary["reward"] == 0.5 and summary["quality"] == 4.0
+    assert summary["corrected"] == pytest.approx(0.7)
+    assert summary["per_tag"] == {"colors": 0.5, "counting": 0.5} and summary["images"] == 4
+    with pytest.raises(ValueError, match="no scored images"):
+        summarise([])
+
+
+def test_generated_images_are_scored_written_and_pictured(tiny_flux, tmp_path):
+    prompts = load_prompts("tiny-geneval", num_prompts=2, seed=0, split="heldout")
+    seeds = [3, 4, 5]
+    images = generate_images(tiny_flux, prompts, seeds, 32, 32, num_steps=2)
+    assert [len(row) for row in images] == [3, 3] and images[0][0].size == (32, 32)
+    assert generate_images(tiny_flux, prompts[:1], seeds, 32, 32, num_steps=2)[0][1].tobytes() == images[0][1].tobytes()
+
+    scores = score_images(BrightnessReward(), TinyWorldJudge(), prompts, seeds, images, task="geneval")
+    assert len(scores) == 6 and {s.tag for s in scores} <= {p.metadata["tag"] for p in prompts}
+    assert all(0 <= s.reward <= 1 and 1 <= s.quality <= 5 for s in scores)
+    write_results(tmp_path, "base", scores, summarise(scores))
+    stored = json.loads((tmp_path / "base.json").read_text())
+    assert stored["summary"]["images"] == 6 and len(stored["images"]) == 6
+    with open(tmp_path / "base.csv") as handle:
+        assert [float(row["reward"]) for row in csv.DictReader(handle)] == [s.reward for s in scores]
+
+    grid = comparison_grid(images, images, scale=2)
+    assert grid.size == ((2 * 3 * 32 + 16) * 2, 2 * 32 * 2)
+    with pytest.raises(ValueError, match="same prompts and seeds"):
+        comparison_grid(images, images[:1])
