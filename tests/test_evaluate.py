@@ -2,6 +2,7 @@ import csv
 import json
 
 import pytest
+
 from gdro_ray.data.prompts import load_prompts
 from gdro_ray.evaluate import ImageScore, comparison_grid, generate_images, score_images, summarise, write_results
 from gdro_ray.rewards.brightness import BrightnessReward
