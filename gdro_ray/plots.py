@@ -1,0 +1,57 @@
+"""PNG plots of a run: training curves read back from TensorBoard, evaluation scores over steps."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+TRAINING_PANELS = (
+    ("loss", ("train/loss", "train/loss_gdro", "train/loss_top1")),
+    ("implicit-reward ranking", ("train/top1_agreement", "train/kendall_tau")),
+)
+
+
+def read_scalars(tensorboard_dir: str | Path) -> dict[str, tuple[list[int], list[float]]]:
+    """Every scalar series of a TensorBoard log directory: tag -> (steps, values)."""
+    if not Path(tensorboard_dir).is_dir():
+        raise FileNotFoundError(f"TensorBoard log directory {str(tensorboard_dir)!r} does not exist")
+    events = EventAccumulator(str(tensorboard_dir))
+    events.Reload()
+    return {tag: ([e.step for e in events.Scalars(tag)], [e.value for e in events.Scalars(tag)])
+            for tag in events.Tags()["scalars"]}
+
+
+def plot_training_curves(tensorboard_dir: str | Path, out: str | Path) -> Path:
+    scalars = read_scalars(tensorboard_dir)
+    if not scalars:
+        raise ValueError(f"no scalars logged in {str(tensorboard_dir)!r}")
+    figure, axes = plt.subplots(1, len(TRAINING_PANELS), figsize=(5 * len(TRAINING_PANELS), 3.5))
+    for axis, (title, tags) in zip(axes, TRAINING_PANELS):
+        for tag in tags:
+            if tag in scalars:
+                axis.plot(*scalars[tag], label=tag.removeprefix("train/"))
+        axis.set(title=title, xlabel="step")
+        axis.legend()
+    return _save(figure, out)
+
+
+def plot_evaluation_curve(steps: list[int], rewards: list[float], corrected: list[float], out: str | Path) -> Path:
+    """Held-out task reward and corrected score against training steps (step 0: the base model)."""
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    axis.plot(steps, rewards, marker="o", label="task reward")
+    axis.plot(steps, corrected, marker="s", label="corrected score")
+    axis.set(title="held-out evaluation", xlabel="step")
+    axis.legend()
+    return _save(figure, out)
+
+
+def _save(figure, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out
