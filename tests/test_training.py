@@ -12,6 +12,7 @@ from gdro_ray.config import TrainConfig, build_config, read_yaml
 from gdro_ray.data.generation import GenerationConfig, generate_groups
 from gdro_ray.data.shards import read_shards, write_shard
 from gdro_ray.models import FluxModel
+from gdro_ray.plots import read_scalars
 from gdro_ray.ray_session import init_ray
 from gdro_ray.train.trainer import run_training
 
@@ -56,14 +57,6 @@ def velocity_probe(model):
         return model.velocity(latents, torch.tensor([0.6]), prompts, 32, 32)
 
 
-def logged_scalars(config: TrainConfig, tag: str):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(config.run_directory / "tensorboard"))
-    events.Reload()
-    return events.Scalars(tag)
-
-
 def test_two_deepspeed_workers_train_and_export_a_diffusers_lora(groups, tmp_path, tiny_flux_dir):
     config = train_config(groups, tmp_path, name="zero2", zero_stage=2)
     result = run_training(config)
@@ -85,7 +78,7 @@ def test_loss_falls_when_overfitting_a_small_dataset(groups, tmp_path):
     config = train_config(groups, tmp_path, name="overfit", num_workers=1, strategy="deepspeed", steps=24,
                           lr=1e-2, checkpoint_every=24, ema_decay=0.0)
     run_training(config)
-    losses = [event.value for event in logged_scalars(config, "train/loss")]  # from TensorBoard's own reader
+    _, losses = read_scalars(config.run_directory / "tensorboard")["train/loss"]  # read back from TensorBoard
     assert len(losses) == 24
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05, losses
 
