@@ -1,7 +1,10 @@
 import csv
 import json
+import sys
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from gdro_ray.data.prompts import load_prompts
 from gdro_ray.evaluate import ImageScore, comparison_grid, generate_images, score_images, summarise, write_results
@@ -41,3 +44,31 @@ def test_generated_images_are_scored_written_and_pictured(tiny_flux, tmp_path):
     assert grid.size == ((2 * 3 * 32 + 16) * 2, 2 * 32 * 2)
     with pytest.raises(ValueError, match="same prompts and seeds"):
         comparison_grid(images, images[:1])
+
+
+def test_the_evaluate_job_compares_base_and_aligned(tmp_path):
+    import torch
+
+    from gdro_ray.models import LoraSpec, load_flow_model
+
+    sys_path = str(Path(__file__).resolve().parents[1] / "jobs")
+    sys.path.insert(0, sys_path)
+    import evaluate as evaluate_job
+
+    model = load_flow_model("tiny")
+    model.add_lora(LoraSpec(rank=4, alpha=4))
+    with torch.no_grad():  # a LoRA that changes the model, as a trained one does
+        for parameter in model.trainable_parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    model.save_lora(tmp_path / "lora")
+    summary = evaluate_job.main(["--task", "geneval", "--lora", str(tmp_path / "lora"), "--num-prompts", "2",
+                                 "--images-per-prompt", "2", "--num-steps", "2", "--out", str(tmp_path / "eval")])
+    assert set(summary) == {"base", "aligned"} and summary["base"]["images"] == 4
+    for name in ("base.json", "base.csv", "aligned.json", "aligned.csv", "summary.json", "comparison.png"):
+        assert (tmp_path / "eval" / name).is_file()
+    # The LoRA is really applied: the aligned half of the picture differs from the base half.
+    grid = Image.open(tmp_path / "eval" / "comparison.png")
+    half = (grid.width - 16 * 4) // 2
+    assert grid.crop((0, 0, half, grid.height)).tobytes() != grid.crop((grid.width - half, 0, grid.width, grid.height)).tobytes()
+    with pytest.raises(ValueError, match="needs a quality judge"):
+        evaluate_job.quality_judge("black-forest-labs/FLUX.1-dev", None, None)
