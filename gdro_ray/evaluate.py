@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from gdro_ray.data.prompts import PromptRecord
+from gdro_ray.data.prompts import PromptRecord, load_prompts
 from gdro_ray.data.records import tensor_to_image
 from gdro_ray.models.base import FlowModel
 from gdro_ray.rewards.base import Reward, score_safely
@@ -90,6 +90,59 @@ def comparison_grid(base: list[list[Image.Image]], aligned: list[list[Image.Imag
     ImageDraw.Draw(grid).line([(columns * width + gap // 2) * scale, 0, (columns * width + gap // 2) * scale,
                                grid.height], fill=(128, 128, 128), width=max(1, scale // 2))
     return grid
+
+
+def default_judge(model_name: str, judge_url: str | None = None, token_env: str | None = None) -> QualityJudge:
+    """The HTTP judge when a URL is given, else the tiny world's judge for the tiny model."""
+    from gdro_ray.models import TINY
+    from gdro_ray.rewards.http_judge import HTTPJudge
+
+    if judge_url:
+        return HTTPJudge(judge_url, token_env=token_env)
+    if model_name == TINY:
+        from gdro_ray.tiny_world.judge import TinyWorldJudge
+
+        return TinyWorldJudge()
+    raise ValueError("a real model needs a quality judge: pass --judge-url (a scoring server, see README)")
+
+
+def format_table(summary: dict) -> str:
+    lines = [f"{'':10}{'reward':>8}{'quality':>9}{'corrected':>11}"]
+    lines += [f"{name:10}{r['reward']:>8.3f}{r['quality']:>9.2f}{r['corrected']:>11.3f}" for name, r in summary.items()]
+    return "\n".join(lines)
+
+
+def evaluate_lora(task: str, model_name: str, lora: str | Path, out: str | Path, judge: QualityJudge, *,
+                  num_prompts: int = 32, images_per_prompt: int = 4, seed: int = 0, size: int | None = None,
+                  num_steps: int | None = None) -> dict:
+    """Base against aligned on the task's held-out prompts, same seeds; writes results and comparison.png.
+
+    A finished evaluation (its summary.json) is read back instead of being run again.
+    """
+    from gdro_ray.models import TINY, load_flow_model  # the model loader pulls in diffusers
+    from gdro_ray.rewards import build_reward
+    from gdro_ray.tasks import prompt_set, reward_for_task
+
+    out = Path(out)
+    if (out / "summary.json").is_file():
+        return json.loads((out / "summary.json").read_text())
+    size = size or (32 if model_name == TINY else 512)
+    num_steps = num_steps or (8 if model_name == TINY else 28)
+    reward = build_reward(reward_for_task(task, model_name))
+    prompts = load_prompts(prompt_set(task, model_name), num_prompts=num_prompts, seed=seed, split="heldout")
+    seeds = list(range(10_000, 10_000 + images_per_prompt))
+    model = load_flow_model(model_name)
+    images = {"base": generate_images(model, prompts, seeds, size, size, num_steps)}
+    model.load_lora(lora)  # the same model, so a real checkpoint is held once
+    images["aligned"] = generate_images(model, prompts, seeds, size, size, num_steps)
+    summary = {}
+    for name, rows in images.items():
+        scores = score_images(reward, judge, prompts, seeds, rows, task)
+        summary[name] = summarise(scores)
+        write_results(out, name, scores, summary[name])
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    comparison_grid(images["base"], images["aligned"]).save(out / "comparison.png")
+    return summary
 
 
 def _mean(values: list[float]) -> float:

@@ -7,7 +7,15 @@ import pytest
 from PIL import Image
 
 from gdro_ray.data.prompts import load_prompts
-from gdro_ray.evaluate import ImageScore, comparison_grid, generate_images, score_images, summarise, write_results
+from gdro_ray.evaluate import (
+    ImageScore,
+    comparison_grid,
+    default_judge,
+    generate_images,
+    score_images,
+    summarise,
+    write_results,
+)
 from gdro_ray.rewards.brightness import BrightnessReward
 from gdro_ray.tiny_world.judge import TinyWorldJudge
 
@@ -61,7 +69,7 @@ def test_the_evaluate_job_compares_base_and_aligned(tmp_path):
         for parameter in model.trainable_parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
     model.save_lora(tmp_path / "lora")
-    summary = evaluate_job.main(["--task", "geneval", "--lora", str(tmp_path / "lora"), "--num-prompts", "2",
+    summary = evaluate_job.main(["--task", "geneval", "--lora", str(tmp_path / "lora"), "--eval-prompts", "2",
                                  "--images-per-prompt", "2", "--num-steps", "2", "--out", str(tmp_path / "eval")])
     assert set(summary) == {"base", "aligned"} and summary["base"]["images"] == 4
     for name in ("base.json", "base.csv", "aligned.json", "aligned.csv", "summary.json", "comparison.png"):
@@ -70,5 +78,7 @@ def test_the_evaluate_job_compares_base_and_aligned(tmp_path):
     grid = Image.open(tmp_path / "eval" / "comparison.png")
     half = (grid.width - 16 * 4) // 2
     assert grid.crop((0, 0, half, grid.height)).tobytes() != grid.crop((grid.width - half, 0, grid.width, grid.height)).tobytes()
+    again = evaluate_job.main(["--task", "geneval", "--lora", str(tmp_path / "missing"), "--out", str(tmp_path / "eval")])
+    assert again == summary  # a finished evaluation is read back, not rerun
     with pytest.raises(ValueError, match="needs a quality judge"):
-        evaluate_job.quality_judge("black-forest-labs/FLUX.1-dev", None, None)
+        default_judge("black-forest-labs/FLUX.1-dev")
