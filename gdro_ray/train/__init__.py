@@ -1,1 +1,1 @@
-"""Training: the GDRO step on a model adapter, and (later) its Ray Train wiring."""
+"""Training: the GDRO step on a model adapter, batches from stored groups, and the Ray Train loop."""
