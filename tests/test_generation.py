@@ -108,6 +108,33 @@ def test_a_killed_run_then_rerun_writes_each_prompt_exactly_once(tmp_path):
     assert manifest["complete"] and manifest["counts"]["generated_this_run"] < 6
 
 
+def test_a_killed_scoring_actor_is_replaced_and_no_prompt_is_lost_or_doubled(ray_cluster, tmp_path):
+    import threading
+
+    import psutil
+
+    out = tmp_path / "groups"
+    killed = []
+
+    def kill_a_scorer_after_the_first_shard():
+        deadline = time.monotonic() + 120
+        while not shard_paths(out) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for process in psutil.process_iter(["cmdline"]):
+            if "GroupScorer" in " ".join(process.info["cmdline"] or []):
+                process.kill()
+                killed.append(process.pid)
+                return
+
+    killer = threading.Thread(target=kill_a_scorer_after_the_first_shard, daemon=True)
+    killer.start()
+    manifest = generate_groups(small_config(out, num_prompts=6, prompts_per_batch=1), progress=False)
+    killer.join()
+    assert killed, "no scoring actor was found to kill"
+    ids = read_shards(out, columns=["prompt_id"]).column("prompt_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 6 and manifest["counts"]["groups"] == 6
+
+
 def test_a_corrupt_shard_is_named(tmp_path):
     (tmp_path / "group-deadbeef.parquet").write_bytes(b"PAR1 not really parquet")
     with pytest.raises(ValueError, match="group-deadbeef.parquet.*corrupt"):
