@@ -217,3 +217,12 @@ def test_a_model_built_in_memory_encodes_deterministically():
     together = first.encode_prompts(prompts)
     torch.testing.assert_close(second.encode_prompts(prompts[:1]).sequence[0], together.sequence[0])
     torch.testing.assert_close(first.encode_prompts(prompts[:1]).pooled[0], together.pooled[0])
+
+
+def test_classifier_free_guidance_changes_samples_deterministically(tiny_flux):
+    prompt = tiny_flux.encode_prompts(PROMPTS[:1])
+    plain = tiny_flux.generate(prompt, [5, 6], IMAGE_SIZE, IMAGE_SIZE, num_steps=3)
+    tiny_flux.cfg_scale = 4.0
+    guided = tiny_flux.generate(prompt, [5, 6], IMAGE_SIZE, IMAGE_SIZE, num_steps=3)
+    assert torch.equal(guided.latents, tiny_flux.generate(prompt, [5, 6], IMAGE_SIZE, IMAGE_SIZE, 3).latents)
+    assert not torch.allclose(guided.latents, plain.latents)

@@ -58,6 +58,7 @@ class FluxModel(FlowModel):
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         guidance_scale: float = 3.5,
+        cfg_scale: float = 1.0,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or default_dtype(self.device)
@@ -72,6 +73,9 @@ class FluxModel(FlowModel):
         self.pipeline.set_progress_bar_config(disable=True)
         self.transformer = pipeline.transformer
         self.guidance_scale = guidance_scale  # used only by guidance-distilled models (FLUX.1-dev)
+        # Classifier-free guidance against the empty prompt when > 1 (FluxPipeline's true_cfg_scale):
+        # for models trained with caption dropout; it doubles the cost of sampling.
+        self.cfg_scale = cfg_scale
         # T5 length: 512 on FLUX.1, the tokenizer's own length on small models (None: loaded without text encoders).
         self.max_sequence_length = None if pipeline.tokenizer_2 is None else min(512, pipeline.tokenizer_2.model_max_length)
 
@@ -152,6 +156,11 @@ class FluxModel(FlowModel):
         # One CPU generator per image: the same seed gives the same noise on any device and in any batch.
         generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
         group = prompt.select([0] * len(seeds)).to(self.device, self.dtype)
+        unconditional = {}
+        if self.cfg_scale > 1:
+            empty = self.encode_prompts([""]).select([0] * len(seeds)).to(self.device, self.dtype)
+            unconditional = dict(negative_prompt_embeds=empty.sequence, negative_pooled_prompt_embeds=empty.pooled,
+                                 true_cfg_scale=self.cfg_scale)
         latents = self.pipeline(
             prompt_embeds=group.sequence,
             pooled_prompt_embeds=group.pooled,
@@ -162,6 +171,7 @@ class FluxModel(FlowModel):
             generator=generators,
             output_type="latent",
             return_dict=False,
+            **unconditional,
         )[0]
         return GeneratedGroup(latents, self.decode_latents(latents, height, width), [int(s) for s in seeds])
 

@@ -52,6 +52,7 @@ class PretrainConfig:
     wrong_count_rate: float = 0.35  # shapes renders showing another count than the prompt says
     wrong_color_rate: float = 0.15
     wrong_text_rate: float = 0.3  # glyph renders showing another text
+    prompt_dropout: float = 0.1  # captions replaced by "": the model also learns p(x), for guided sampling
     checkpoint_every: int = 200
     time_limit_minutes: float = 50.0  # stop (and export) when reached, whatever the step
 
@@ -93,7 +94,7 @@ class RenderedPrompts:
                 # Drawn with replacement: a distinct-prompt stream would run dry of short texts.
                 record = next(r for r in iter(lambda: random_glyph_prompt(rng), None) if self.keep(r))
                 image = render_glyphs(noisy_text(record.metadata["text"], rng, self.config), rng)
-            prompts.append(record.prompt)
+            prompts.append("" if rng.random() < self.config.prompt_dropout else record.prompt)
             images.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1))
         return prompts, torch.stack(images)
 
