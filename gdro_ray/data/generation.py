@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import ray
-import torch
 from tqdm import tqdm
 
 from gdro_ray.data.manifest import MANIFEST_NAME, check_resumable, write_manifest
