@@ -63,6 +63,9 @@ class TrainConfig:
     name: str = field(default="gdro", metadata={"help": "run name; rerun the same name to resume"})
     checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
     log_every: int = field(default=1, metadata={"help": "steps between metric reports"})
+    # -- held-out evaluation during training
+    eval_set: str = field(default="", metadata={"help": "an evaluation set directory (train.periodic_eval)"})
+    eval_every: int = field(default=0, metadata={"help": "steps between held-out evaluations (0: none)"})
 
     def __post_init__(self):
         positive = ("k", "steps", "groups_per_step", "grad_accumulation", "lora_rank", "num_workers",
@@ -76,6 +79,8 @@ class TrainConfig:
                               ("lr_schedule", LR_SCHEDULES), ("strategy", STRATEGIES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         if self.zero_stage not in (2, 3):
             raise ValueError(f"zero_stage must be 2 or 3, got {self.zero_stage}")
         if not 0 <= self.ema_decay < 1:
@@ -94,6 +99,13 @@ PRESETS: dict[str, dict[str, dict]] = {
     "paper": {
         "ocr": dict(tau=0.05, gamma=0.5, beta=12.0, k=6, steps=300, lr=3e-4, lora_rank=32, lora_alpha=32.0),
         "geneval": dict(tau=0.05, gamma=1.0, beta=6.0, k=6, steps=700, lr=3e-4, lora_rank=32, lora_alpha=32.0),
+    },
+    # The embedded tiny model: sized so that the whole align job fits 15 minutes on 2 CPU cores.
+    "tiny": {
+        "ocr": dict(tau=0.05, gamma=0.5, beta=10.0, k=6, steps=200, lr=1e-3, lora_rank=16, lora_alpha=16.0,
+                    groups_per_step=4, checkpoint_every=50, eval_every=25),
+        "geneval": dict(tau=0.05, gamma=0.5, beta=10.0, k=6, steps=200, lr=1e-3, lora_rank=16, lora_alpha=16.0,
+                        groups_per_step=4, checkpoint_every=50, eval_every=25),
     },
 }
 

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from gdro_ray.data.prompts import PromptRecord, load_prompts
 from gdro_ray.data.records import tensor_to_image
-from gdro_ray.models.base import FlowModel
+from gdro_ray.models.base import FlowModel, PromptEmbeddings
 from gdro_ray.rewards.base import Reward, score_safely
 from gdro_ray.rewards.quality import QualityJudge, corrected_score
 
@@ -29,9 +29,9 @@ class ImageScore:
 
 
 def generate_images(model: FlowModel, prompts: list[PromptRecord], seeds: list[int], height: int, width: int,
-                    num_steps: int) -> list[list[Image.Image]]:
-    """One row of images per prompt, one image per seed."""
-    embeddings = model.encode_prompts([p.prompt for p in prompts])
+                    num_steps: int, embeddings: PromptEmbeddings | None = None) -> list[list[Image.Image]]:
+    """One row of images per prompt, one image per seed (embeddings: the prompts', if already encoded)."""
+    embeddings = embeddings if embeddings is not None else model.encode_prompts([p.prompt for p in prompts])
     rows = []
     for index in range(len(prompts)):
         group = model.generate(embeddings.select([index]), seeds, height, width, num_steps)
@@ -92,29 +92,39 @@ def comparison_grid(base: list[list[Image.Image]], aligned: list[list[Image.Imag
     return grid
 
 
-def default_judge(model_name: str, judge_url: str | None = None, token_env: str | None = None) -> QualityJudge:
-    """The HTTP judge when a URL is given, else the tiny world's judge for the tiny model."""
+def default_judge(model_name: str, judge_url: str | None = None, token_env: str | None = None,
+                  judge_model: str | None = None) -> QualityJudge:
+    """The HTTP judge when a URL is given, a vision-language judge when a judge model (hub id or directory) is,
+    else the tiny world's judge for the tiny model."""
     from gdro_ray.models import TINY
     from gdro_ray.rewards.http_judge import HTTPJudge
 
+    if judge_url and judge_model:
+        raise ValueError("pass a judge URL or a judge model, not both")
     if judge_url:
         return HTTPJudge(judge_url, token_env=token_env)
+    if judge_model:
+        from gdro_ray.rewards.vlm_judge import VLMJudge  # loads its model lazily, on the first rating
+
+        return VLMJudge(judge_model)
     if model_name == TINY:
         from gdro_ray.tiny_world.judge import TinyWorldJudge
 
         return TinyWorldJudge()
-    raise ValueError("a real model needs a quality judge: pass --judge-url (a scoring server, see README)")
+    raise ValueError("a real model needs a quality judge: pass --judge-url (a scoring server, see README) "
+                     "or a judge model")
 
 
 def format_table(summary: dict) -> str:
     lines = [f"{'':10}{'reward':>8}{'quality':>9}{'corrected':>11}"]
-    lines += [f"{name:10}{r['reward']:>8.3f}{r['quality']:>9.2f}{r['corrected']:>11.3f}" for name, r in summary.items()]
+    lines += [f"{name:10}{r['reward']:>8.3f}{r['quality']:>9.2f}{r['corrected']:>11.3f}"
+              for name, r in summary.items() if isinstance(r, dict)]
     return "\n".join(lines)
 
 
 def evaluate_lora(task: str, model_name: str, lora: str | Path, out: str | Path, judge: QualityJudge, *,
                   num_prompts: int = 32, images_per_prompt: int = 4, seed: int = 0, size: int | None = None,
-                  num_steps: int | None = None) -> dict:
+                  num_steps: int | None = None, cfg_scale: float = 1.0) -> dict:
     """Base against aligned on the task's held-out prompts, same seeds; writes results and comparison.png.
 
     A finished evaluation (its summary.json) is read back instead of being run again.
@@ -132,6 +142,7 @@ def evaluate_lora(task: str, model_name: str, lora: str | Path, out: str | Path,
     prompts = load_prompts(prompt_set(task, model_name), num_prompts=num_prompts, seed=seed, split="heldout")
     seeds = list(range(10_000, 10_000 + images_per_prompt))
     model = load_flow_model(model_name)
+    model.cfg_scale = cfg_scale
     images = {"base": generate_images(model, prompts, seeds, size, size, num_steps)}
     model.load_lora(lora)  # the same model, so a real checkpoint is held once
     images["aligned"] = generate_images(model, prompts, seeds, size, size, num_steps)

@@ -1,84 +1,69 @@
-"""Align a FLUX model with GDRO, offline: generate groups once, score them, train a LoRA on them.
+"""Align a FLUX model with GDRO, fully offline: generate and score groups, train a LoRA, evaluate.
 
-Preview of the end-to-end job: until the task datasets, rewards and the tiny world land, it aligns the
-model to a pixel-brightness reward (the mean intensity of an image), in one process. It shows the whole
-loop work on the embedded tiny FLUX in about a minute on a CPU:
+    python jobs/align.py --task ocr                                  # the embedded tiny FLUX, local Ray
+    python jobs/align.py --task geneval --steps 200 --beta 8         # any training field as a flag
+    ray job submit --working-dir . -- python jobs/align.py --task geneval \\
+        --model black-forest-labs/FLUX.1-dev --num-workers 8 --judge-model CodeGoat24/UnifiedReward-qwen-7b
 
-    python jobs/align.py                      # tiny FLUX, built offline
-    python jobs/align.py --model /path/to/FLUX.1-dev --size 512 --k 6
+Everything lands in one run directory (--out, default runs/align-TASK); rerunning the same command
+skips the stages whose output is complete and resumes the one that is not. Training settings come
+from the preset (default: "tiny" on the embedded model, "paper" otherwise), then --config YAML, then flags.
 """
 
 import argparse
-import json
-from pathlib import Path
+import dataclasses
 
-import torch
-from tqdm import tqdm
+from gdro_ray.align import AlignSettings, default_preset, run_align
+from gdro_ray.config import add_arguments, config_from_arguments
+from gdro_ray.data.generation import parse_pool
+from gdro_ray.evaluate import format_table
+from gdro_ray.models import TINY
+from gdro_ray.ray_session import init_ray
 
-from gdro_ray.flow import TimestepSampler
-from gdro_ray.models import TINY, LoraSpec, load_flow_model
-from gdro_ray.train.step import GDROLossConfig, GroupBatch, gdro_batch_loss
-
-PROMPTS = [f"a photo of {n} {thing}" for n in ("one", "two", "three") for thing in ("cube", "ball", "star")]
-
-
-def brightness(images: torch.Tensor) -> torch.Tensor:
-    return images.mean(dim=(1, 2, 3))
+TASKS = ("ocr", "geneval")
 
 
-def mean_reward(model, prompts, seeds, args) -> float:
-    images = [model.generate(prompts.select([i]), seeds, args.size, args.size, args.sample_steps).images
-              for i in range(len(prompts))]
-    return brightness(torch.cat(images)).mean().item()
-
-
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=TINY, help="'tiny', a diffusers FLUX directory, or a hub id")
-    parser.add_argument("--size", type=int, default=32, help="image height and width in pixels")
-    parser.add_argument("--k", type=int, default=6, help="images generated per prompt (the group size)")
-    parser.add_argument("--sample-steps", type=int, default=8, help="Euler steps per generated image")
-    parser.add_argument("--steps", type=int, default=150, help="training steps")
-    parser.add_argument("--groups-per-step", type=int, default=4)
-    parser.add_argument("--beta", type=float, default=100.0, help="implicit-reward scale (mean over latent elements)")
-    parser.add_argument("--tau", type=float, default=0.002, help="brightness differs by thousandths")
-    parser.add_argument("--gamma", type=float, default=0.5)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("runs/align-preview"))
-    args = parser.parse_args()
-    torch.manual_seed(args.seed)
+    add_arguments(parser)
+    defaults = AlignSettings()
+    group = parser.add_argument_group("dataset and evaluation")
+    group.add_argument("--out", default="", help="run directory (default: runs/align-TASK)")
+    group.add_argument("--num-prompts", type=int, default=defaults.num_prompts, help="training prompts")
+    group.add_argument("--k-gen", type=int, default=defaults.k_gen, help="images generated per training prompt")
+    group.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: 8 tiny, 28 otherwise)")
+    group.add_argument("--size", type=int, default=None, help="image size (default: 32 tiny, 512 otherwise)")
+    group.add_argument("--cfg-scale", type=float, default=defaults.cfg_scale, help="classifier-free guidance (1: off)")
+    group.add_argument("--eval-prompts", type=int, default=defaults.eval_prompts, help="held-out prompts at the end")
+    group.add_argument("--eval-images-per-prompt", type=int, default=defaults.eval_images_per_prompt)
+    group.add_argument("--train-eval-prompts", type=int, default=defaults.train_eval_prompts,
+                       help="held-out prompts evaluated every --eval-every steps during training")
+    group.add_argument("--judge-url", default=None, help="a quality judge server (gdro_ray/rewards/http_judge.py)")
+    group.add_argument("--judge-token-env", default=None, help="environment variable holding the judge's token")
+    group.add_argument("--judge-model", default=None, help="a vision-language judge: hub id or local directory")
+    group.add_argument("--generation-actors", type=parse_pool, default=defaults.generation_actors, help="MIN,MAX")
+    group.add_argument("--scoring-actors", type=parse_pool, default=defaults.scoring_actors, help="MIN,MAX")
+    args = parser.parse_args(argv)
+    task, model = args.task or "ocr", args.model or TINY
+    if task not in TASKS:
+        parser.error(f"--task must be one of {TASKS}, got {task!r}")
+    args.task, args.model = task, model
+    args.preset = args.preset or default_preset(model)
+    try:
+        train = config_from_arguments(args)
+        settings = AlignSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AlignSettings)})
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    return train, settings
 
-    model = load_flow_model(args.model)
-    prompts = model.encode_prompts(PROMPTS)
-    held_out_seeds = list(range(10_000, 10_000 + args.k))
-    before = mean_reward(model, prompts, held_out_seeds, args)
 
-    # Offline groups: k images per prompt, generated and scored once, before any training.
-    groups = [model.generate(prompts.select([i]), [1000 * i + j for j in range(args.k)], args.size, args.size,
-                             args.sample_steps) for i in tqdm(range(len(PROMPTS)), desc="generating groups")]
-    latents = torch.stack([group.latents for group in groups]).cpu()
-    rewards = torch.stack([brightness(group.images) for group in groups])
-
-    model.add_lora(LoraSpec(rank=args.rank, alpha=args.rank))
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=args.lr)
-    config = GDROLossConfig(beta=args.beta, tau=args.tau, gamma=args.gamma, timesteps=TimestepSampler("uniform"))
-    generator = torch.Generator().manual_seed(args.seed)
-    for _ in (progress := tqdm(range(args.steps), desc="training")):
-        pick = torch.randperm(len(PROMPTS), generator=generator)[: args.groups_per_step]
-        batch = GroupBatch(latents[pick], rewards[pick], prompts.select(pick), args.size, args.size)
-        result = gdro_batch_loss(model, batch, config, generator)
-        optimizer.zero_grad()
-        result.loss.backward()
-        optimizer.step()
-        progress.set_postfix(loss=f"{result.loss.item():.3f}", gdro=f"{result.gdro.item():.3f}")
-
-    after = mean_reward(model, prompts, held_out_seeds, args)
-    model.save_lora(args.out / "lora")
-    summary = {"reward": "brightness", "before": round(before, 4), "after": round(after, 4), "lora": str(args.out / "lora")}
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary))
+def main(argv=None) -> dict:
+    train, settings = parse_args(argv)
+    init_ray()
+    summary = run_align(train, settings)
+    print(format_table(summary))
+    print("pictures:", *summary["pictures"])
+    return summary
 
 
 if __name__ == "__main__":

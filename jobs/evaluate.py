@@ -24,14 +24,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0, help="dataset seed: decides the held-out split")
     parser.add_argument("--size", type=int, default=None, help="image size (default: 32 tiny, 512 otherwise)")
     parser.add_argument("--num-steps", type=int, default=None, help="sampler steps (default: 8 tiny, 28 otherwise)")
+    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1: off)")
     parser.add_argument("--judge-url", default=None, help="an HTTP quality judge (see gdro_ray/rewards/http_judge.py)")
     parser.add_argument("--judge-token-env", default=None, help="environment variable holding the judge's token")
+    parser.add_argument("--judge-model", default=None, help="a vision-language judge: hub id or local directory")
     parser.add_argument("--out", type=Path, default=Path("runs/eval"))
     args = parser.parse_args(argv)
     summary = evaluate_lora(args.task, args.model, args.lora, args.out,
-                            default_judge(args.model, args.judge_url, args.judge_token_env),
+                            default_judge(args.model, args.judge_url, args.judge_token_env, args.judge_model),
                             num_prompts=args.eval_prompts, images_per_prompt=args.images_per_prompt,
-                            seed=args.seed, size=args.size, num_steps=args.num_steps)
+                            seed=args.seed, size=args.size, num_steps=args.num_steps, cfg_scale=args.cfg_scale)
     print(format_table(summary))
     return summary
 

@@ -10,16 +10,8 @@ Rerunning the same command resumes: prompts already written are skipped.
 import argparse
 import json
 
-from gdro_ray.data.generation import GenerationConfig, generate_groups
+from gdro_ray.data.generation import GenerationConfig, generate_groups, parse_pool
 from gdro_ray.ray_session import init_ray
-
-
-def pool(text: str) -> tuple[int, int]:
-    """'2' -> (2, 2); '1,8' -> (1, 8)."""
-    parts = [int(p) for p in text.split(",")]
-    if len(parts) not in (1, 2):
-        raise argparse.ArgumentTypeError(f"expected MIN,MAX or N, got {text!r}")
-    return (parts[0], parts[-1])
 
 
 def reward_spec(text: str) -> dict:
@@ -46,12 +38,13 @@ def parse_args(argv=None) -> tuple[GenerationConfig, argparse.Namespace]:
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--num-steps", type=int, default=None, help="sampler steps per image")
-    parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale)
+    parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale, help="FLUX.1-dev's distilled guidance")
+    parser.add_argument("--cfg-scale", type=float, default=defaults.cfg_scale, help="classifier-free guidance (1: off)")
     parser.add_argument("--reward", type=reward_spec, default=None, help="reward spec as JSON (default: the task's)")
     parser.add_argument("--out", default=defaults.out, help="dataset directory")
     parser.add_argument("--prompts-per-batch", type=int, default=defaults.prompts_per_batch)
-    parser.add_argument("--generation-actors", type=pool, default=defaults.generation_actors, help="MIN,MAX")
-    parser.add_argument("--scoring-actors", type=pool, default=defaults.scoring_actors, help="MIN,MAX")
+    parser.add_argument("--generation-actors", type=parse_pool, default=defaults.generation_actors, help="MIN,MAX")
+    parser.add_argument("--scoring-actors", type=parse_pool, default=defaults.scoring_actors, help="MIN,MAX")
     parser.add_argument("--gpus-per-generator", type=float, default=None, help="default: 1 if the cluster has GPUs")
     parser.add_argument("--overwrite", action="store_true", help="delete a dataset made with other settings")
     parser.add_argument("--no-progress", action="store_true")
@@ -59,7 +52,8 @@ def parse_args(argv=None) -> tuple[GenerationConfig, argparse.Namespace]:
     config = GenerationConfig(
         task=args.task, model=args.model, revision=args.revision, prompt_file=args.prompt_file, split=args.split,
         seed=args.seed, k=args.k, height=args.height, width=args.width, num_steps=args.num_steps,
-        guidance_scale=args.guidance_scale, reward=args.reward or {}, num_prompts=args.num_prompts, out=args.out,
+        guidance_scale=args.guidance_scale, cfg_scale=args.cfg_scale, reward=args.reward or {},
+        num_prompts=args.num_prompts, out=args.out,
         prompts_per_batch=args.prompts_per_batch, generation_actors=args.generation_actors,
         scoring_actors=args.scoring_actors, gpus_per_generator=args.gpus_per_generator,
     )

@@ -24,10 +24,11 @@ def main():
     parser.add_argument("--work-dir", type=Path, default=Path("runs/pretrain-tiny"), help="checkpoints, for resume")
     parser.add_argument("--out", type=Path, default=PRETRAINED_DIR)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
-    recipe = pretrain(args.work_dir, args.out, config, log=lambda message: print(message, flush=True))
+    recipe = pretrain(args.work_dir, args.out, config, device=args.device, log=lambda message: print(message, flush=True))
     print(f"saved {args.out} after {recipe['seconds']} s (final loss {recipe['final_loss']:.4f})")
 
 

@@ -8,6 +8,7 @@ Resume: prompts already in a shard are left out before the pipeline starts, so a
 finished, a killed or a failed run) generates each missing prompt once and no prompt twice.
 """
 
+import argparse
 import hashlib
 import json
 import time
@@ -42,7 +43,8 @@ class GenerationConfig:
     height: int | None = None  # None: 32 on the tiny model, 512 otherwise
     width: int | None = None
     num_steps: int | None = None  # None: 8 on the tiny model, 28 otherwise (FLUX.1-dev)
-    guidance_scale: float = 3.5
+    guidance_scale: float = 3.5  # FLUX.1-dev's distilled guidance
+    cfg_scale: float = 1.0  # classifier-free guidance against the empty prompt (> 1: twice the sampling cost)
     reward: dict = field(default_factory=dict)  # {"name": ..., options} over the task's default reward
     num_prompts: int = 64
     out: str = "runs/groups"
@@ -81,7 +83,19 @@ class GenerationConfig:
         }
 
     def sampler(self) -> dict:
-        return {"height": self.height, "width": self.width, "num_steps": self.num_steps, "guidance_scale": self.guidance_scale}
+        return {"height": self.height, "width": self.width, "num_steps": self.num_steps,
+                "guidance_scale": self.guidance_scale, "cfg_scale": self.cfg_scale}
+
+
+def parse_pool(text: str) -> tuple[int, int]:
+    """An actor pool's size from the command line: '2' -> (2, 2); '1,8' -> (1, 8)."""
+    try:
+        parts = [int(part) for part in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX or N, got {text!r}")
+    return (parts[0], parts[-1])
 
 
 def derive_seed(dataset_seed: int, prompt_id: str, index: int) -> int:
@@ -96,7 +110,7 @@ class GroupGenerator:
     def __init__(self, config: GenerationConfig):
         self.config = config
         self.model = load_flow_model(config.model, revision=config.revision)
-        self.model.guidance_scale = config.guidance_scale
+        self.model.guidance_scale, self.model.cfg_scale = config.guidance_scale, config.cfg_scale
 
     def __call__(self, batch: dict) -> pa.Table:
         config, started = self.config, time.perf_counter()

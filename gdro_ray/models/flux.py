@@ -76,6 +76,7 @@ class FluxModel(FlowModel):
         # Classifier-free guidance against the empty prompt when > 1 (FluxPipeline's true_cfg_scale):
         # for models trained with caption dropout; it doubles the cost of sampling.
         self.cfg_scale = cfg_scale
+        self.unconditional: PromptEmbeddings | None = None  # the empty prompt's embeddings, encoded on first use
         # T5 length: 512 on FLUX.1, the tokenizer's own length on small models (None: loaded without text encoders).
         self.max_sequence_length = None if pipeline.tokenizer_2 is None else min(512, pipeline.tokenizer_2.model_max_length)
 
@@ -158,7 +159,9 @@ class FluxModel(FlowModel):
         group = prompt.select([0] * len(seeds)).to(self.device, self.dtype)
         unconditional = {}
         if self.cfg_scale > 1:
-            empty = self.encode_prompts([""]).select([0] * len(seeds)).to(self.device, self.dtype)
+            if self.unconditional is None:
+                self.unconditional = self.encode_prompts([""])
+            empty = self.unconditional.select([0] * len(seeds)).to(self.device, self.dtype)
             unconditional = dict(negative_prompt_embeds=empty.sequence, negative_pooled_prompt_embeds=empty.pooled,
                                  true_cfg_scale=self.cfg_scale)
         latents = self.pipeline(

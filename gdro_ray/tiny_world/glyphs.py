@@ -1,7 +1,7 @@
 """Glyphs: short text (1-3 characters) rendered large on 32x32 images, with OCR-task prompts.
 
-The alphabet leaves out characters an OCR engine confuses at this size (O/0, I/1, ...), so a correct
-render always reads back correctly and a wrong one is the model's fault.
+The alphabet leaves out characters an OCR engine confuses at this size (O/0, I/1, S/5, ...), so a
+correct render always reads back correctly and a wrong one is the model's fault.
 """
 
 import random
@@ -14,7 +14,8 @@ from PIL import Image, ImageDraw, ImageFont
 from gdro_ray.data.prompts import PromptRecord, make_record
 
 IMAGE_SIZE = 32
-GLYPH_ALPHABET = "ABCDEFHKLMNPRSTUXYZ2345789"
+# Twelve letters: few enough that a tiny model pretrained for an hour on a CPU learns each one.
+GLYPH_ALPHABET = "ACEHKMNPRTXY"
 GLYPH_TEMPLATES = (
     'a sign that says "{text}"',
     'the text "{text}" in bold letters',
@@ -24,13 +25,13 @@ GLYPH_TEMPLATES = (
 
 
 def random_glyph_prompt(rng: random.Random) -> PromptRecord:
-    """A random 1-3 character text (2 or 3 characters more often) in a random template."""
-    text = "".join(rng.choice(GLYPH_ALPHABET) for _ in range(rng.choice((1, 2, 2, 3, 3))))
+    """A random 1-3 character text (1 or 2 characters more often) in a random template."""
+    text = "".join(rng.choice(GLYPH_ALPHABET) for _ in range(rng.choice((1, 1, 2, 2, 3))))
     return make_record("ocr", rng.choice(GLYPH_TEMPLATES).format(text=text), {"text": text})
 
 
 def glyphs_stream(seed: int) -> Iterator[PromptRecord]:
-    """Distinct glyph prompts, until the world (about 70,000 prompts) runs out."""
+    """Distinct glyph prompts, until the world (about 7,500 prompts) runs out."""
     rng, seen, misses = random.Random(seed), set(), 0
     while misses < 1000:
         record = random_glyph_prompt(rng)

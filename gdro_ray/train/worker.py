@@ -4,9 +4,11 @@ Per optimiser step, for each of grad_accumulation micro-batches: B groups from t
 shard, k members drawn per group, one (t, eps) per group, policy velocities of all B*k latents in one
 forward, reference velocities with the LoRA off under no_grad, L_GDRO + gamma * L_reg in float32. A
 non-finite loss on any worker skips that micro-batch on all of them (so collectives stay in step);
-max_nonfinite_steps in a row stop the run before the LoRA is corrupted.
+max_nonfinite_steps in a row stop the run before the LoRA is corrupted. With an evaluation set, rank 0
+samples held-out prompts with the EMA LoRA every eval_every steps (and at step 0, the base model).
 """
 
+import contextlib
 import dataclasses
 import tempfile
 import time
@@ -24,6 +26,7 @@ from gdro_ray.flow import TimestepSampler
 from gdro_ray.models import LoraSpec, load_flow_model
 from gdro_ray.train.groups import TRAINING_COLUMNS, group_batch
 from gdro_ray.train.metrics import ranking_agreement
+from gdro_ray.train.periodic_eval import PeriodicEvaluator, load_eval_set
 from gdro_ray.train.step import GDROLossConfig, gdro_batch_loss
 from gdro_ray.train.strategies import DataParallelStrategy, DeepSpeedStrategy
 
@@ -38,6 +41,10 @@ def train_worker(values: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    if device.type == "cuda":
+        # cuDNN's fused attention failed in backward (illegal address, then a failed mha_graph) for
+        # FLUX's bf16 attention on an H200 with torch 2.11; the flash and efficient kernels train fine.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     torch.manual_seed(config.seed)  # the same fresh LoRA on every worker
 
     model = load_flow_model(config.model, device=device, revision=config.revision, text_encoders=False)
@@ -76,6 +83,24 @@ def train_worker(values: dict) -> None:
 
     loss_config = None
     writer = SummaryWriter(str(config.run_directory / "tensorboard")) if rank == 0 else None
+    evaluator = PeriodicEvaluator(load_eval_set(config.eval_set)) if config.eval_set and config.eval_every else None
+    last_eval = {}  # carried in every later report, so schedulers always see the latest held-out score
+
+    def evaluate(at_step: int) -> dict:
+        with strategy.full_parameters():
+            if rank != 0:
+                return {}
+            with _ema_weights(ema, trainable):
+                model.transformer.eval()
+                scores = evaluator(model)
+                model.transformer.train()
+        for name, value in scores.items():
+            writer.add_scalar(f"eval/{name.removeprefix('eval_')}", value, at_step)
+        _log(rank, f"step {at_step}: " + " ".join(f"{k}={v:.4g}" for k, v in scores.items()))
+        return scores
+
+    if evaluator is not None and step == 0:
+        last_eval = evaluate(0)
     batches = _batches(ray.train.get_dataset_shard("train"), config, generator)
     nonfinite_in_a_row, skipped_total = 0, 0
     window = _Window(world)
@@ -103,10 +128,13 @@ def train_worker(values: dict) -> None:
         if ema is not None:
             with strategy.full_parameters():
                 ema.step(trainable)
-        if step % config.log_every and step % config.checkpoint_every and step != config.steps:
+        evaluating = evaluator is not None and (step % config.eval_every == 0 or step == config.steps)
+        if evaluating:
+            last_eval = evaluate(step)
+        if step % config.log_every and step % config.checkpoint_every and step != config.steps and not evaluating:
             continue
         metrics = {"step": step, "attempt_start_step": start_step, **window.flush(), "grad_norm": strategy.grad_norm(),
-                   "lr": scheduler.get_last_lr()[0], "skipped_nonfinite": skipped_total}
+                   "lr": scheduler.get_last_lr()[0], "skipped_nonfinite": skipped_total, **last_eval}
         if writer is not None:
             for name, value in metrics.items():
                 writer.add_scalar(f"train/{name}", value, step)
@@ -131,11 +159,23 @@ def _report_with_checkpoint(metrics, strategy, model, ema, trainable, generator,
             if rank == 0:
                 model.save_lora(directory / "lora")
                 if ema is not None:
-                    ema.store(trainable)
-                    ema.copy_to(trainable)
-                    model.save_lora(directory / "ema_lora")
-                    ema.restore(trainable)
+                    with _ema_weights(ema, trainable):
+                        model.save_lora(directory / "ema_lora")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
+
+
+@contextlib.contextmanager
+def _ema_weights(ema, trainable):
+    """Within this context the LoRA holds its EMA (the weights that get exported), if there is one."""
+    if ema is None:
+        yield
+        return
+    ema.store(trainable)
+    ema.copy_to(trainable)
+    try:
+        yield
+    finally:
+        ema.restore(trainable)
 
 
 def _batches(shard, config: TrainConfig, generator: torch.Generator):

@@ -1,0 +1,115 @@
+"""The align recipe's stages, in one run directory, each skipped when its output is complete:
+
+    RUN/groups/          offline group dataset: k_gen images per training prompt, scored (Ray Data)
+    RUN/eval_set/        held-out prompts, encoded once, for evaluation during training
+    RUN/train/           GDRO LoRA training (Ray Train + DeepSpeed): checkpoints, tensorboard/, lora/
+    RUN/training_curves.png, RUN/eval_curve.png
+    RUN/eval/            base against aligned on held-out prompts: JSON, CSV, comparison.png
+"""
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from gdro_ray.config import TrainConfig
+from gdro_ray.data.generation import GenerationConfig, generate_groups, pending_prompts
+from gdro_ray.data.prompts import load_prompts
+from gdro_ray.evaluate import default_judge, evaluate_lora
+from gdro_ray.models import TINY, load_flow_model
+from gdro_ray.plots import plot_evaluation_curve, plot_training_curves, read_scalars
+from gdro_ray.tasks import prompt_set
+from gdro_ray.train.periodic_eval import SETTINGS_FILE, build_eval_set, save_eval_set
+from gdro_ray.train.trainer import run_training
+
+EVAL_SEEDS_START = 10_000  # held-out sampling seeds, far from the dataset's derived seeds
+
+
+@dataclass
+class AlignSettings:
+    """What the align job adds to training: the dataset to generate and the evaluation to run."""
+
+    out: str = ""  # the run directory; default runs/align-TASK
+    num_prompts: int = 64  # training prompts
+    k_gen: int = 8  # images generated per training prompt (training draws k of them)
+    sample_steps: int | None = None  # sampler steps (None: 8 on the tiny model, 28 otherwise)
+    size: int | None = None  # image size (None: 32 on the tiny model, 512 otherwise)
+    cfg_scale: float = 1.0  # classifier-free guidance when sampling (dataset and evaluation)
+    eval_prompts: int = 32  # held-out prompts of the final evaluation
+    eval_images_per_prompt: int = 4
+    train_eval_prompts: int = 16  # held-out prompts evaluated during training (a subset: it runs often)
+    judge_url: str | None = None
+    judge_token_env: str | None = None
+    judge_model: str | None = None
+    generation_actors: tuple[int, int] = (1, 1)
+    scoring_actors: tuple[int, int] = (1, 1)
+
+    def __post_init__(self):
+        for name in ("num_prompts", "k_gen", "eval_prompts", "eval_images_per_prompt", "train_eval_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.k_gen < 2:
+            raise ValueError(f"k_gen (images per prompt) must be >= 2 to form a group, got {self.k_gen}")
+
+    def judge(self) -> dict:
+        """Keyword arguments of evaluate.default_judge."""
+        return {"judge_url": self.judge_url, "token_env": self.judge_token_env, "judge_model": self.judge_model}
+
+
+def run_align(train: TrainConfig, settings: AlignSettings, log=print) -> dict:
+    """All stages; returns the final evaluation ({"base": {...}, "aligned": {...}}) and the pictures' paths."""
+    run = Path(settings.out or f"runs/align-{train.task}").resolve()
+    run.mkdir(parents=True, exist_ok=True)
+    generation = GenerationConfig(
+        task=train.task, model=train.model, revision=train.revision, seed=train.seed, k=settings.k_gen,
+        height=settings.size, width=settings.size, num_steps=settings.sample_steps, cfg_scale=settings.cfg_scale,
+        num_prompts=settings.num_prompts, out=str(run / "groups"), generation_actors=settings.generation_actors,
+        scoring_actors=settings.scoring_actors,
+    )
+    if pending_prompts(generation):
+        counts = generate_groups(generation)["counts"]
+        log(f"[align] groups: {counts['groups']} of {settings.k_gen}, mean reward {counts['mean_reward']:.3f}")
+    else:
+        log(f"[align] groups: complete in {generation.out}, skipped")
+
+    if train.eval_every and not (run / "eval_set" / SETTINGS_FILE).is_file():
+        _write_eval_set(train, settings, generation, run / "eval_set")
+    train = dataclasses.replace(train, data=generation.out, storage_path=str(run), name="train",
+                                eval_set=str(run / "eval_set") if train.eval_every else "")
+    lora = train.run_directory / "lora"
+    if (lora / "config.yaml").is_file():
+        log(f"[align] training: complete in {lora}, skipped")
+    else:
+        run_training(train)
+
+    tensorboard = train.run_directory / "tensorboard"
+    plot_training_curves(tensorboard, run / "training_curves.png")
+    scalars = read_scalars(tensorboard)
+    if "eval/reward" in scalars:
+        steps, rewards = scalars["eval/reward"]
+        plot_evaluation_curve(steps, rewards, scalars["eval/corrected"][1], run / "eval_curve.png")
+
+    judge = default_judge(train.model, **settings.judge())
+    summary = evaluate_lora(train.task, train.model, lora, run / "eval", judge, num_prompts=settings.eval_prompts,
+                            images_per_prompt=settings.eval_images_per_prompt, seed=train.seed,
+                            size=generation.height, num_steps=generation.num_steps, cfg_scale=settings.cfg_scale)
+    pictures = [str(path) for path in (run / "eval" / "comparison.png", run / "training_curves.png",
+                                       run / "eval_curve.png") if path.is_file()]
+    summary = {**summary, "pictures": pictures}
+    (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _write_eval_set(train: TrainConfig, settings: AlignSettings, generation: GenerationConfig, out: Path) -> None:
+    prompts = load_prompts(prompt_set(train.task, train.model), num_prompts=settings.train_eval_prompts,
+                           seed=train.seed, split="heldout")
+    model = load_flow_model(train.model, device="cpu", revision=train.revision)
+    seeds = list(range(EVAL_SEEDS_START, EVAL_SEEDS_START + settings.eval_images_per_prompt))
+    eval_set = build_eval_set(model, train.task, train.model, prompts, seeds, generation.height, generation.width,
+                              generation.num_steps, settings.cfg_scale, settings.judge())
+    save_eval_set(eval_set, out)
+
+
+def default_preset(model: str) -> str:
+    """The tiny world's own settings on the embedded model, the paper's elsewhere."""
+    return "tiny" if model == TINY else "paper"

@@ -1,0 +1,135 @@
+"""A quality judge that asks a vision-language model, UnifiedReward style, for a 1-5 rating.
+
+Any transformers image-text-to-text model works (Qwen2.5-VL, LLaVA, ...): it is shown the image with its
+caption, asked to weigh visual quality and faithfulness to the caption, and answers "Final Score: X".
+Weights load as safetensors only, never with remote code, lazily on the first rating or on load().
+Qwen VL processors (the default judge's) also need torchvision, for their video half.
+"""
+
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from gdro_ray.rewards.quality import QUALITY_SCALE, QualityJudge
+
+DEFAULT_JUDGE_ID = "CodeGoat24/UnifiedReward-qwen-7b"
+NEUTRAL_RATING = sum(QUALITY_SCALE) / 2  # what an answer without a rating counts as; see VLMJudge
+
+RATING_PROMPT = (
+    "You are given a text caption and an image generated from it. Evaluate the image on two criteria:\n"
+    "1. Visual quality: clarity, detail, absence of artifacts (distorted shapes, smeared or garbled text), "
+    "coherence of the scene, and aesthetic appeal.\n"
+    "2. Faithfulness to the caption: the objects, their counts, attributes and relations, and any text it asks for.\n"
+    "Weigh both and give one score from 1 (worst) to 5 (best), answering with 'Final Score: X'.\n"
+    "Text caption: {prompt}"
+)
+
+# "Final Score: 4", "final score:** 4.5"; and, for the fallback, scale mentions ("1-5", "4/5", "out of 5")
+# whose numbers are not the rating.
+_FINAL_SCORE = re.compile(r"final\s*score\s*[:：]?[\s*]*(\d+(?:\.\d+)?)", re.IGNORECASE)
+_SCALE_MENTION = re.compile(r"\b1\s*(?:-|–|to)\s*5\b|(?:/|\bout\s+of)\s*5(?:\.0)?\b", re.IGNORECASE)
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?!\w)")
+
+
+def parse_rating(text: str) -> float | None:
+    """The rating in a judge's answer, clamped to QUALITY_SCALE; None when it gives none.
+
+    The last "Final Score: X" wins; without one, the last number within the scale.
+
+    >>> parse_rating("Sharp and faithful. Final Score: 4.5")
+    4.5
+    >>> parse_rating("I would give it 2 out of 5.")
+    2.0
+    >>> parse_rating("no idea") is None
+    True
+    """
+    low, high = QUALITY_SCALE
+    if scores := _FINAL_SCORE.findall(text):
+        return min(max(float(scores[-1]), low), high)
+    numbers = [float(n) for n in _NUMBER.findall(_SCALE_MENTION.sub(" ", text))]
+    in_scale = [n for n in numbers if low <= n <= high]
+    return in_scale[-1] if in_scale else None
+
+
+class VLMJudge(QualityJudge):
+    """Rates images with a vision-language model from a hub id or a local directory.
+
+    An answer without a readable rating is rated the scale's midpoint, 3: the corrected score then counts
+    that image's reward neither for nor against it (0.2 whatever the reward), where raising would stop a
+    whole evaluation over one sentence. Such answers are counted in `unparsed`, and the first is warned of
+    with its text, so that a judge that never answers in the expected form is noticed.
+    """
+
+    def __init__(self, model: str = DEFAULT_JUDGE_ID, device: str | None = None, batch_size: int = 8,
+                 max_new_tokens: int = 32):
+        # A path (not a hub id "owner/name") must exist now rather than after hours of generation.
+        if _looks_like_path(model):
+            model = str(Path(model).expanduser())
+            if not Path(model).is_dir():
+                raise FileNotFoundError(f"judge model directory {model!r} does not exist; expected a transformers "
+                                        f"image-text-to-text model directory, or a hub id such as {DEFAULT_JUDGE_ID}")
+        self.source = model
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.model = self.processor = None
+        self.unparsed = 0
+
+    def load(self) -> None:
+        """Load the model and processor now (rate() loads them otherwise), so a missing model fails early."""
+        if self.model is not None:
+            return
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(self.source, dtype=dtype, use_safetensors=True,
+                                                                trust_remote_code=False)
+            processor = AutoProcessor.from_pretrained(self.source, trust_remote_code=False)
+        except (OSError, ValueError) as error:  # missing files, no network, or not a model transformers knows
+            raise OSError(
+                f"could not load judge model {self.source!r}: expected a local directory, or a hub id cached here or "
+                f"reachable, of a transformers image-text-to-text model with safetensors weights: {error}"
+            ) from error
+        processor.tokenizer.padding_side = "left"  # a batch's answers must all start where its prompts end
+        self.model, self.processor = model.to(self.device).eval(), processor
+
+    def rate(self, images: list[Image.Image], metadata: list[dict]) -> list[float]:
+        ratings = []
+        for answer in self.ask(images, metadata):
+            rating = parse_rating(answer)
+            if rating is None:
+                if self.unparsed == 0:
+                    warnings.warn(f"judge {self.source!r} gave no rating, rated {NEUTRAL_RATING} instead: {answer!r}",
+                                  stacklevel=2)
+                self.unparsed += 1
+                rating = NEUTRAL_RATING
+            ratings.append(rating)
+        return ratings
+
+    @torch.no_grad()
+    def ask(self, images: list[Image.Image], metadata: list[dict]) -> list[str]:
+        """The model's raw answers to the rating prompt, one per image, in order."""
+        if len(images) != len(metadata):
+            raise ValueError(f"got {len(images)} images for {len(metadata)} metadata records")
+        self.load()
+        answers = []
+        for start in range(0, len(images), self.batch_size):
+            batch = [image.convert("RGB") for image in images[start:start + self.batch_size]]
+            texts = [self._prompt(meta) for meta in metadata[start:start + self.batch_size]]
+            inputs = self.processor(images=batch, text=texts, padding=True, return_tensors="pt")
+            inputs = inputs.to(self.device, dtype=self.model.dtype)
+            output = self.model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new_tokens)
+            answers += self.processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return answers
+
+    def _prompt(self, meta: dict) -> str:
+        content = [{"type": "image"}, {"type": "text", "text": RATING_PROMPT.format(prompt=meta["prompt"])}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                  add_generation_prompt=True)
+
+
+def _looks_like_path(source: str) -> bool:
+    """A hub id is "owner/name"; anything absolute, relative to ".", "~", or deeper is a local path."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1

@@ -1,0 +1,75 @@
+"""The align job end to end on the embedded tiny model, at tiny sizes: stages, run directory, resume."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import ray
+
+from gdro_ray.ray_session import init_ray
+
+ALIGN = Path(__file__).resolve().parents[1] / "jobs" / "align.py"
+SMALL = ["--num-prompts", "8", "--k-gen", "4", "--sample-steps", "4", "--steps", "4", "--k", "3",
+         "--num-workers", "1", "--groups-per-step", "2", "--checkpoint-every", "2", "--eval-every", "2",
+         "--train-eval-prompts", "2", "--eval-prompts", "2", "--eval-images-per-prompt", "2"]
+
+
+def load_align_job():
+    spec = importlib.util.spec_from_file_location("align_job", ALIGN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def align_job():
+    init_ray(num_cpus=6)
+    yield load_align_job()
+    ray.shutdown()
+
+
+def test_a_small_align_run_fills_its_run_directory_and_a_rerun_skips_every_stage(align_job, tmp_path, capsys):
+    run = tmp_path / "run"
+    summary = align_job.main(["--task", "geneval", "--out", str(run), *SMALL])
+
+    for path in ("groups/manifest.json", "eval_set/eval_set.json", "train/lora/pytorch_lora_weights.safetensors",
+                 "train/lora/config.yaml", "training_curves.png", "eval_curve.png", "eval/base.json", "eval/base.csv",
+                 "eval/aligned.json", "eval/aligned.csv", "eval/summary.json", "eval/comparison.png", "summary.json"):
+        assert (run / path).is_file(), path
+    assert set(summary) == {"base", "aligned", "pictures"}
+    for name in ("base", "aligned"):
+        assert summary[name]["images"] == 4 and 1.0 <= summary[name]["quality"] <= 5.0
+    assert json.loads((run / "summary.json").read_text())["aligned"] == summary["aligned"]
+    lora = run / "train" / "lora" / "pytorch_lora_weights.safetensors"
+    written = lora.stat().st_mtime_ns
+    capsys.readouterr()
+
+    again = align_job.main(["--task", "geneval", "--out", str(run), *SMALL])
+    log = capsys.readouterr().out
+    assert "groups: complete" in log and "training: complete" in log
+    assert lora.stat().st_mtime_ns == written
+    assert again["aligned"] == summary["aligned"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--task", "poetry"], "--task must be one of"),
+        (["--task", "ocr", "--config", "/no/such/config.yaml"], "/no/such/config.yaml"),
+        (["--task", "ocr", "--k-gen", "1"], "k_gen"),
+    ],
+)
+def test_bad_arguments_stop_with_a_message_naming_them(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        load_align_job().parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_a_config_field_of_the_wrong_type_is_named(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("beta: high\n")
+    with pytest.raises(SystemExit):
+        load_align_job().parse_args(["--task", "ocr", "--config", str(config)])
+    err = capsys.readouterr().err
+    assert "'beta'" in err and "float" in err
