@@ -7,13 +7,14 @@
     RUN/eval/            base against aligned on held-out prompts: JSON, CSV, comparison.png
 """
 
+import argparse
 import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from gdro_ray.config import TrainConfig
-from gdro_ray.data.generation import GenerationConfig, generate_groups, pending_prompts
+from gdro_ray.config import TrainConfig, add_arguments, config_from_arguments
+from gdro_ray.data.generation import GenerationConfig, generate_groups, parse_pool, pending_prompts
 from gdro_ray.data.prompts import load_prompts
 from gdro_ray.evaluate import default_judge, evaluate_lora
 from gdro_ray.models import TINY, load_flow_model
@@ -23,6 +24,7 @@ from gdro_ray.train.periodic_eval import SETTINGS_FILE, build_eval_set, save_eva
 from gdro_ray.train.trainer import run_training
 
 EVAL_SEEDS_START = 10_000  # held-out sampling seeds, far from the dataset's derived seeds
+TASKS = ("ocr", "geneval")
 
 
 @dataclass
@@ -59,23 +61,8 @@ class AlignSettings:
 def run_align(train: TrainConfig, settings: AlignSettings, log=print) -> dict:
     """All stages; returns the final evaluation ({"base": {...}, "aligned": {...}}) and the pictures' paths."""
     run = Path(settings.out or f"runs/align-{train.task}").resolve()
-    run.mkdir(parents=True, exist_ok=True)
-    generation = GenerationConfig(
-        task=train.task, model=train.model, revision=train.revision, seed=train.seed, k=settings.k_gen,
-        height=settings.size, width=settings.size, num_steps=settings.sample_steps, cfg_scale=settings.cfg_scale,
-        num_prompts=settings.num_prompts, out=str(run / "groups"), generation_actors=settings.generation_actors,
-        scoring_actors=settings.scoring_actors,
-    )
-    if pending_prompts(generation):
-        counts = generate_groups(generation)["counts"]
-        log(f"[align] groups: {counts['groups']} of {settings.k_gen}, mean reward {counts['mean_reward']:.3f}")
-    else:
-        log(f"[align] groups: complete in {generation.out}, skipped")
-
-    if train.eval_every and not (run / "eval_set" / SETTINGS_FILE).is_file():
-        _write_eval_set(train, settings, generation, run / "eval_set")
-    train = dataclasses.replace(train, data=generation.out, storage_path=str(run), name="train",
-                                eval_set=str(run / "eval_set") if train.eval_every else "")
+    train = prepare_data(train, settings, run, log)
+    train = dataclasses.replace(train, storage_path=str(run), name="train")
     lora = train.run_directory / "lora"
     if (lora / "config.yaml").is_file():
         log(f"[align] training: complete in {lora}, skipped")
@@ -90,14 +77,39 @@ def run_align(train: TrainConfig, settings: AlignSettings, log=print) -> dict:
         plot_evaluation_curve(steps, rewards, scalars["eval/corrected"][1], run / "eval_curve.png")
 
     judge = default_judge(train.model, **settings.judge())
+    sampler = generation_config(train, settings, run).sampler()
     summary = evaluate_lora(train.task, train.model, lora, run / "eval", judge, num_prompts=settings.eval_prompts,
                             images_per_prompt=settings.eval_images_per_prompt, seed=train.seed,
-                            size=generation.height, num_steps=generation.num_steps, cfg_scale=settings.cfg_scale)
+                            size=sampler["height"], num_steps=sampler["num_steps"], cfg_scale=settings.cfg_scale)
     pictures = [str(path) for path in (run / "eval" / "comparison.png", run / "training_curves.png",
                                        run / "eval_curve.png") if path.is_file()]
     summary = {**summary, "pictures": pictures}
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def prepare_data(train: TrainConfig, settings: AlignSettings, run: Path, log=print) -> TrainConfig:
+    """The group dataset (RUN/groups) and, when training evaluates, the evaluation set (RUN/eval_set), each
+    made unless complete; returns the training config pointed at them."""
+    run.mkdir(parents=True, exist_ok=True)
+    generation = generation_config(train, settings, run)
+    if pending_prompts(generation):
+        counts = generate_groups(generation)["counts"]
+        log(f"[align] groups: {counts['groups']} of {settings.k_gen}, mean reward {counts['mean_reward']:.3f}")
+    else:
+        log(f"[align] groups: complete in {generation.out}, skipped")
+    if train.eval_every and not (run / "eval_set" / SETTINGS_FILE).is_file():
+        _write_eval_set(train, settings, generation, run / "eval_set")
+    return dataclasses.replace(train, data=generation.out, eval_set=str(run / "eval_set") if train.eval_every else "")
+
+
+def generation_config(train: TrainConfig, settings: AlignSettings, run: Path) -> GenerationConfig:
+    return GenerationConfig(
+        task=train.task, model=train.model, revision=train.revision, seed=train.seed, k=settings.k_gen,
+        height=settings.size, width=settings.size, num_steps=settings.sample_steps, cfg_scale=settings.cfg_scale,
+        num_prompts=settings.num_prompts, out=str(run / "groups"), generation_actors=settings.generation_actors,
+        scoring_actors=settings.scoring_actors,
+    )
 
 
 def _write_eval_set(train: TrainConfig, settings: AlignSettings, generation: GenerationConfig, out: Path) -> None:
@@ -113,3 +125,39 @@ def _write_eval_set(train: TrainConfig, settings: AlignSettings, generation: Gen
 def default_preset(model: str) -> str:
     """The tiny world's own settings on the embedded model, the paper's elsewhere."""
     return "tiny" if model == TINY else "paper"
+
+
+def add_align_arguments(parser: argparse.ArgumentParser) -> None:
+    """TrainConfig's flags (with --preset and --config), then AlignSettings' own."""
+    add_arguments(parser)
+    defaults = AlignSettings()
+    group = parser.add_argument_group("dataset and evaluation")
+    group.add_argument("--out", default="", help="run directory (default: runs/JOB-TASK)")
+    group.add_argument("--num-prompts", type=int, default=defaults.num_prompts, help="training prompts")
+    group.add_argument("--k-gen", type=int, default=defaults.k_gen, help="images generated per training prompt")
+    group.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: 8 tiny, 28 otherwise)")
+    group.add_argument("--size", type=int, default=None, help="image size (default: 32 tiny, 512 otherwise)")
+    group.add_argument("--cfg-scale", type=float, default=defaults.cfg_scale, help="classifier-free guidance (1: off)")
+    group.add_argument("--eval-prompts", type=int, default=defaults.eval_prompts, help="held-out prompts at the end")
+    group.add_argument("--eval-images-per-prompt", type=int, default=defaults.eval_images_per_prompt)
+    group.add_argument("--train-eval-prompts", type=int, default=defaults.train_eval_prompts,
+                       help="held-out prompts evaluated every --eval-every steps during training")
+    group.add_argument("--judge-url", default=None, help="a quality judge server (gdro_ray/rewards/http_judge.py)")
+    group.add_argument("--judge-token-env", default=None, help="environment variable holding the judge's token")
+    group.add_argument("--judge-model", default=None, help="a vision-language judge: hub id or local directory")
+    group.add_argument("--generation-actors", type=parse_pool, default=defaults.generation_actors, help="MIN,MAX")
+    group.add_argument("--scoring-actors", type=parse_pool, default=defaults.scoring_actors, help="MIN,MAX")
+
+
+def align_from_arguments(parser: argparse.ArgumentParser, args) -> tuple[TrainConfig, AlignSettings]:
+    """Both configs from parsed flags; a bad value stops the parser with a message naming it."""
+    args.task, args.model = args.task or "ocr", args.model or TINY
+    if args.task not in TASKS:
+        parser.error(f"--task must be one of {TASKS}, got {args.task!r}")
+    args.preset = args.preset or default_preset(args.model)
+    try:
+        train = config_from_arguments(args)
+        settings = AlignSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AlignSettings)})
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    return train, settings

@@ -11,50 +11,16 @@ from the preset (default: "tiny" on the embedded model, "paper" otherwise), then
 """
 
 import argparse
-import dataclasses
 
-from gdro_ray.align import AlignSettings, default_preset, run_align
-from gdro_ray.config import add_arguments, config_from_arguments
-from gdro_ray.data.generation import parse_pool
+from gdro_ray.align import add_align_arguments, align_from_arguments, run_align
 from gdro_ray.evaluate import format_table
-from gdro_ray.models import TINY
 from gdro_ray.ray_session import init_ray
-
-TASKS = ("ocr", "geneval")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    defaults = AlignSettings()
-    group = parser.add_argument_group("dataset and evaluation")
-    group.add_argument("--out", default="", help="run directory (default: runs/align-TASK)")
-    group.add_argument("--num-prompts", type=int, default=defaults.num_prompts, help="training prompts")
-    group.add_argument("--k-gen", type=int, default=defaults.k_gen, help="images generated per training prompt")
-    group.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: 8 tiny, 28 otherwise)")
-    group.add_argument("--size", type=int, default=None, help="image size (default: 32 tiny, 512 otherwise)")
-    group.add_argument("--cfg-scale", type=float, default=defaults.cfg_scale, help="classifier-free guidance (1: off)")
-    group.add_argument("--eval-prompts", type=int, default=defaults.eval_prompts, help="held-out prompts at the end")
-    group.add_argument("--eval-images-per-prompt", type=int, default=defaults.eval_images_per_prompt)
-    group.add_argument("--train-eval-prompts", type=int, default=defaults.train_eval_prompts,
-                       help="held-out prompts evaluated every --eval-every steps during training")
-    group.add_argument("--judge-url", default=None, help="a quality judge server (gdro_ray/rewards/http_judge.py)")
-    group.add_argument("--judge-token-env", default=None, help="environment variable holding the judge's token")
-    group.add_argument("--judge-model", default=None, help="a vision-language judge: hub id or local directory")
-    group.add_argument("--generation-actors", type=parse_pool, default=defaults.generation_actors, help="MIN,MAX")
-    group.add_argument("--scoring-actors", type=parse_pool, default=defaults.scoring_actors, help="MIN,MAX")
-    args = parser.parse_args(argv)
-    task, model = args.task or "ocr", args.model or TINY
-    if task not in TASKS:
-        parser.error(f"--task must be one of {TASKS}, got {task!r}")
-    args.task, args.model = task, model
-    args.preset = args.preset or default_preset(model)
-    try:
-        train = config_from_arguments(args)
-        settings = AlignSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AlignSettings)})
-    except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
-    return train, settings
+    add_align_arguments(parser)
+    return align_from_arguments(parser, parser.parse_args(argv))
 
 
 def main(argv=None) -> dict:

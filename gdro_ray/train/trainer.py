@@ -31,7 +31,8 @@ def group_dataset(config: TrainConfig) -> tuple[ray.data.Dataset, dict]:
     return dataset, counts
 
 
-def run_training(config: TrainConfig) -> ray.train.Result:
+def run_training(config: TrainConfig, callbacks: list | None = None) -> ray.train.Result:
+    """Train (or resume) config.name; callbacks join the RunConfig (a Tune trial passes TuneReportCallback)."""
     dataset, counts = group_dataset(config)
     print(f"[gdro train] dataset {config.data}: {json.dumps(counts)}", flush=True)
     use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
@@ -45,6 +46,7 @@ def run_training(config: TrainConfig) -> ray.train.Result:
             storage_path=str(Path(config.storage_path).resolve()),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures, controller_failure_limit=3),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
         datasets={"train": dataset},
     )

@@ -1,0 +1,123 @@
+"""Ray Tune over GDRO's knobs per task: beta, tau, gamma, k and the learning rate.
+
+The group dataset and the evaluation set are made once (align.prepare_data) and shared by every trial.
+Each trial is a function trainable that runs one TorchTrainer (Ray Train V2) with TuneReportCallback,
+so the workers' reports, the held-out eval_corrected included, reach Tune. ASHA stops trials whose
+corrected score trails at a rung; its grace period should outlast the dip below the base that GDRO
+runs show early on (shared/DESIGN.md). The first trial is the preset itself.
+
+    RUN/groups, RUN/eval_set      shared data
+    RUN/trials/trial-ID/          each trial's training run (checkpoints, tensorboard, lora)
+    RUN/results.csv               one row per trial: its settings, last step, last scores, stopped early
+    RUN/best.yaml                 the best trial's settings: a --config for jobs/align.py
+"""
+
+import csv
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator
+
+from gdro_ray.align import AlignSettings, prepare_data
+from gdro_ray.config import TrainConfig, build_config
+from gdro_ray.train.trainer import run_training
+
+TUNED = ("beta", "tau", "gamma", "k", "lr")
+METRIC = "eval_corrected"
+
+
+@dataclass
+class SweepSettings:
+    num_samples: int = 8  # trials, the preset's included
+    max_concurrent_trials: int = 1  # trials at once; each takes num_workers training workers
+    grace_period: int = 50  # steps before ASHA may stop a trial
+    reduction_factor: int = 3  # ASHA keeps the best 1/reduction_factor at each rung
+    beta: tuple[float, float] = (2.0, 50.0)  # log-uniform ranges, and the choices of k
+    tau: tuple[float, float] = (0.01, 0.5)
+    gamma: tuple[float, float] = (0.0, 1.0)  # uniform
+    lr: tuple[float, float] = (1e-4, 3e-3)
+    k: tuple[int, ...] = (2, 4, 6)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.num_samples < 1 or self.max_concurrent_trials < 1:
+            raise ValueError("num_samples and max_concurrent_trials must be >= 1")
+        if self.grace_period < 1 or self.reduction_factor < 2:
+            raise ValueError("grace_period must be >= 1 and reduction_factor >= 2")
+        for name in ("beta", "tau", "gamma", "lr"):
+            bounds = getattr(self, name)
+            lowest = 0.0 if name == "gamma" else 1e-12  # log-uniform ranges must stay above zero
+            if len(bounds) != 2 or not lowest <= bounds[0] <= bounds[1]:
+                raise ValueError(f"{name} range must be LOW,HIGH with {lowest:g} <= LOW <= HIGH, got {bounds}")
+        if not self.k or min(self.k) < 2:
+            raise ValueError(f"k choices must be >= 2 (a group to rank), got {self.k}")
+
+    def param_space(self) -> dict:
+        return {"beta": tune.loguniform(*self.beta), "tau": tune.loguniform(*self.tau),
+                "gamma": tune.uniform(*self.gamma), "lr": tune.loguniform(*self.lr), "k": tune.choice(list(self.k))}
+
+
+def run_sweep(train: TrainConfig, align: AlignSettings, sweep: SweepSettings, log=print) -> dict:
+    """Every trial to its end or its early stop; returns the best trial's settings (also in RUN/best.yaml)."""
+    if train.eval_every < 1:
+        raise ValueError("a sweep stops trials on held-out scores: set eval_every >= 1")
+    if max(sweep.k) > align.k_gen:
+        raise ValueError(f"k choices {sweep.k} exceed the {align.k_gen} images generated per prompt (k_gen)")
+    run = Path(align.out or f"runs/sweep-{train.task}").resolve()
+    train = prepare_data(train, align, run, log)
+    base = dataclasses.asdict(dataclasses.replace(train, storage_path=str(run / "trials"), max_failures=0))
+    scheduler = ASHAScheduler(time_attr="step", max_t=train.steps, grace_period=min(sweep.grace_period, train.steps),
+                              reduction_factor=sweep.reduction_factor)
+    preset = {name: getattr(train, name) for name in TUNED}
+    tuner = tune.Tuner(
+        tune.with_parameters(_trial, base=base),
+        param_space=sweep.param_space(),
+        tune_config=tune.TuneConfig(
+            metric=METRIC, mode="max", scheduler=scheduler, num_samples=sweep.num_samples,
+            max_concurrent_trials=sweep.max_concurrent_trials,
+            search_alg=BasicVariantGenerator(points_to_evaluate=[preset], random_state=sweep.seed),
+        ),
+        # A trial that fails (its own Train retries are off) is retried once, never forever.
+        run_config=tune.RunConfig(name="tune", storage_path=str(run),
+                                  failure_config=tune.FailureConfig(max_failures=1)),
+    )
+    results = tuner.fit()
+    rows = _result_rows(results, train.steps)
+    _write_csv(rows, run / "results.csv")
+    finished = [row for row in rows if row.get(METRIC) is not None]
+    if not finished:
+        raise RuntimeError(f"no trial reported {METRIC}; see {run / 'tune'} for the trials' errors")
+    best = max(finished, key=lambda row: row[METRIC])
+    settings = {"task": train.task, "model": train.model, "steps": train.steps, **{n: best[n] for n in TUNED}}
+    (run / "best.yaml").write_text(f"# best of {len(rows)} trials by {METRIC} = {best[METRIC]:.4f} "
+                                   f"(trial {best['trial_id']})\n" + yaml.safe_dump(settings, sort_keys=False))
+    return settings
+
+
+def _trial(values: dict, base: dict) -> None:
+    name = f"trial-{tune.get_context().get_trial_id()}"
+    run_training(build_config({**base, **values, "name": name}), callbacks=[TuneReportCallback()])
+
+
+def _result_rows(results, steps: int) -> list[dict]:
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        row = {"trial_id": metrics.get("trial_id", ""), **result.config}
+        row.update({name: metrics.get(name) for name in ("step", "eval_reward", "eval_quality", METRIC)})
+        row["stopped_early"] = metrics.get("step", 0) < steps and result.error is None
+        row["error"] = type(result.error).__name__ if result.error else ""
+        rows.append(row)
+    return rows
+
+
+def _write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
