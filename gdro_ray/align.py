@@ -45,6 +45,8 @@ class AlignSettings:
     judge_model: str | None = None
     generation_actors: tuple[int, int] = (1, 1)
     scoring_actors: tuple[int, int] = (1, 1)
+    # None: 1 when the cluster has GPUs at the start; set it (and --use-gpu) on clusters that scale from zero
+    gpus_per_generator: float | None = None
 
     def __post_init__(self):
         for name in ("num_prompts", "k_gen", "eval_prompts", "eval_images_per_prompt", "train_eval_prompts"):
@@ -108,7 +110,7 @@ def generation_config(train: TrainConfig, settings: AlignSettings, run: Path) ->
         task=train.task, model=train.model, revision=train.revision, seed=train.seed, k=settings.k_gen,
         height=settings.size, width=settings.size, num_steps=settings.sample_steps, cfg_scale=settings.cfg_scale,
         num_prompts=settings.num_prompts, out=str(run / "groups"), generation_actors=settings.generation_actors,
-        scoring_actors=settings.scoring_actors,
+        scoring_actors=settings.scoring_actors, gpus_per_generator=settings.gpus_per_generator,
     )
 
 
@@ -147,6 +149,9 @@ def add_align_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--judge-model", default=None, help="a vision-language judge: hub id or local directory")
     group.add_argument("--generation-actors", type=parse_pool, default=defaults.generation_actors, help="MIN,MAX")
     group.add_argument("--scoring-actors", type=parse_pool, default=defaults.scoring_actors, help="MIN,MAX")
+    group.add_argument("--gpus-per-generator", type=float, default=None,
+                       help="default: 1 if the cluster has GPUs when the job starts (pass it on clusters that scale "
+                            "GPU nodes from zero, with --use-gpu true)")
 
 
 def align_from_arguments(parser: argparse.ArgumentParser, args) -> tuple[TrainConfig, AlignSettings]:
