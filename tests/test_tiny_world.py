@@ -388,3 +388,30 @@ def test_judge_measurements_on_small_arrays():
 )
 def test_corrected_score(reward, quality, expected):
     assert corrected_score(reward, quality) == pytest.approx(expected)
+
+
+# --- the shipped tiny model ------------------------------------------------------------------------
+
+
+def test_the_shipped_tiny_model_is_small_loads_and_records_its_recipe():
+    import json
+
+    import torch
+
+    from gdro_ray.models import FluxModel, load_flow_model
+    from gdro_ray.tiny_world import PRETRAINED_DIR
+    from gdro_ray.tiny_world.pretrain import TINY_WORLD_MODEL, PretrainConfig
+
+    files = [path for path in PRETRAINED_DIR.rglob("*") if path.is_file()]
+    assert sum(path.stat().st_size for path in files) <= 20 * 2**20
+    assert not [path for path in files if path.suffix in (".bin", ".pt", ".pth", ".pkl")]  # safetensors only
+    recipe = json.loads((PRETRAINED_DIR / "recipe.json").read_text())
+    assert set(recipe["config"]) == {field.name for field in dataclasses.fields(PretrainConfig)}
+    assert recipe["model"] == json.loads(json.dumps(dataclasses.asdict(TINY_WORLD_MODEL)))
+    assert 0 < recipe["seconds"] <= 3600 and recipe["final_loss"] > 0
+
+    model = load_flow_model("tiny", device="cpu")
+    assert isinstance(model, FluxModel)
+    assert model.transformer.config.num_layers == TINY_WORLD_MODEL.num_layers
+    group = model.generate(model.encode_prompts(['a sign that says "TEA"']), [0, 1], 32, 32, num_steps=4)
+    assert group.images.shape == (2, 3, 32, 32) and torch.isfinite(group.latents).all()
