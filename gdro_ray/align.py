@@ -16,14 +16,13 @@ from pathlib import Path
 from gdro_ray.config import TrainConfig, add_arguments, config_from_arguments
 from gdro_ray.data.generation import GenerationConfig, generate_groups, parse_pool, pending_prompts
 from gdro_ray.data.prompts import load_prompts
-from gdro_ray.evaluate import default_judge, evaluate_lora
+from gdro_ray.evaluate import HELDOUT_SEEDS_START, default_judge, evaluate_lora
 from gdro_ray.models import TINY, load_flow_model
 from gdro_ray.plots import plot_evaluation_curve, plot_training_curves, read_scalars
 from gdro_ray.tasks import prompt_set
 from gdro_ray.train.periodic_eval import SETTINGS_FILE, build_eval_set, save_eval_set
 from gdro_ray.train.trainer import run_training
 
-EVAL_SEEDS_START = 10_000  # held-out sampling seeds, far from the dataset's derived seeds
 TASKS = ("ocr", "geneval")
 
 
@@ -32,14 +31,14 @@ class AlignSettings:
     """What the align job adds to training: the dataset to generate and the evaluation to run."""
 
     out: str = ""  # the run directory; default runs/align-TASK
-    num_prompts: int = 64  # training prompts
+    num_prompts: int = 96  # training prompts
     k_gen: int = 8  # images generated per training prompt (training draws k of them)
-    sample_steps: int | None = None  # sampler steps (None: 8 on the tiny model, 28 otherwise)
+    sample_steps: int | None = None  # sampler steps (None: models.default_sampler_steps)
     size: int | None = None  # image size (None: 32 on the tiny model, 512 otherwise)
     cfg_scale: float = 1.0  # classifier-free guidance when sampling (dataset and evaluation)
-    eval_prompts: int = 32  # held-out prompts of the final evaluation
-    eval_images_per_prompt: int = 4
-    train_eval_prompts: int = 16  # held-out prompts evaluated during training (a subset: it runs often)
+    eval_prompts: int = 24  # held-out prompts of the final evaluation
+    eval_images_per_prompt: int = 8
+    train_eval_prompts: int = 8  # held-out prompts evaluated during training (a subset: it runs often)
     judge_url: str | None = None
     judge_token_env: str | None = None
     judge_model: str | None = None
@@ -118,7 +117,7 @@ def _write_eval_set(train: TrainConfig, settings: AlignSettings, generation: Gen
     prompts = load_prompts(prompt_set(train.task, train.model), num_prompts=settings.train_eval_prompts,
                            seed=train.seed, split="heldout")
     model = load_flow_model(train.model, device="cpu", revision=train.revision)
-    seeds = list(range(EVAL_SEEDS_START, EVAL_SEEDS_START + settings.eval_images_per_prompt))
+    seeds = list(range(HELDOUT_SEEDS_START, HELDOUT_SEEDS_START + settings.eval_images_per_prompt))
     eval_set = build_eval_set(model, train.task, train.model, prompts, seeds, generation.height, generation.width,
                               generation.num_steps, settings.cfg_scale, settings.judge())
     save_eval_set(eval_set, out)
@@ -137,7 +136,7 @@ def add_align_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--out", default="", help="run directory (default: runs/JOB-TASK)")
     group.add_argument("--num-prompts", type=int, default=defaults.num_prompts, help="training prompts")
     group.add_argument("--k-gen", type=int, default=defaults.k_gen, help="images generated per training prompt")
-    group.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: 8 tiny, 28 otherwise)")
+    group.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: 20 tiny, 28 otherwise)")
     group.add_argument("--size", type=int, default=None, help="image size (default: 32 tiny, 512 otherwise)")
     group.add_argument("--cfg-scale", type=float, default=defaults.cfg_scale, help="classifier-free guidance (1: off)")
     group.add_argument("--eval-prompts", type=int, default=defaults.eval_prompts, help="held-out prompts at the end")

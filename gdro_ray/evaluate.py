@@ -18,6 +18,9 @@ from gdro_ray.rewards.base import Reward, score_safely
 from gdro_ray.rewards.quality import QualityJudge, corrected_score
 
 
+HELDOUT_SEEDS_START = 10_000  # sampling seeds of held-out evaluations, far from the datasets' derived seeds
+
+
 @dataclass
 class ImageScore:
     prompt_id: str
@@ -129,18 +132,18 @@ def evaluate_lora(task: str, model_name: str, lora: str | Path, out: str | Path,
 
     A finished evaluation (its summary.json) is read back instead of being run again.
     """
-    from gdro_ray.models import TINY, load_flow_model  # the model loader pulls in diffusers
+    from gdro_ray.models import default_image_size, default_sampler_steps, load_flow_model
     from gdro_ray.rewards import build_reward
     from gdro_ray.tasks import prompt_set, reward_for_task
 
     out = Path(out)
     if (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
-    size = size or (32 if model_name == TINY else 512)
-    num_steps = num_steps or (8 if model_name == TINY else 28)
+    size = size or default_image_size(model_name)
+    num_steps = num_steps or default_sampler_steps(model_name)
     reward = build_reward(reward_for_task(task, model_name))
     prompts = load_prompts(prompt_set(task, model_name), num_prompts=num_prompts, seed=seed, split="heldout")
-    seeds = list(range(10_000, 10_000 + images_per_prompt))
+    seeds = list(range(HELDOUT_SEEDS_START, HELDOUT_SEEDS_START + images_per_prompt))
     model = load_flow_model(model_name)
     model.cfg_scale = cfg_scale
     images = {"base": generate_images(model, prompts, seeds, size, size, num_steps)}

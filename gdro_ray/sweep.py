@@ -79,8 +79,10 @@ def run_sweep(train: TrainConfig, align: AlignSettings, sweep: SweepSettings, lo
         param_space=sweep.param_space(),
         tune_config=tune.TuneConfig(
             metric=METRIC, mode="max", scheduler=scheduler, num_samples=sweep.num_samples,
-            max_concurrent_trials=sweep.max_concurrent_trials,
-            search_alg=BasicVariantGenerator(points_to_evaluate=[preset], random_state=sweep.seed),
+            # The generator limits concurrency itself (TuneConfig's max_concurrent_trials skips generators):
+            # trials beyond what the cluster holds would wait on each other's workers and hang.
+            search_alg=BasicVariantGenerator(points_to_evaluate=[preset], random_state=sweep.seed,
+                                             max_concurrent=sweep.max_concurrent_trials),
         ),
         # A trial that fails (its own Train retries are off) is retried once, never forever.
         run_config=tune.RunConfig(name="tune", storage_path=str(run),

@@ -23,7 +23,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0, help="dataset seed: decides the held-out split")
     parser.add_argument("--size", type=int, default=None, help="image size (default: 32 tiny, 512 otherwise)")
-    parser.add_argument("--num-steps", type=int, default=None, help="sampler steps (default: 8 tiny, 28 otherwise)")
+    parser.add_argument("--num-steps", type=int, default=None, help="sampler steps (default: 20 tiny, 28 otherwise)")
     parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1: off)")
     parser.add_argument("--judge-url", default=None, help="an HTTP quality judge (see gdro_ray/rewards/http_judge.py)")
     parser.add_argument("--judge-token-env", default=None, help="environment variable holding the judge's token")

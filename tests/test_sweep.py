@@ -30,21 +30,23 @@ def ray_cluster():
 
 def test_a_tiny_sweep_stops_a_trial_early_and_writes_a_preset_align_accepts(ray_cluster, tmp_path):
     run = tmp_path / "sweep"
-    # Trials after the preset sample a learning rate high enough to wreck a LoRA in two steps: the held-out
-    # corrected score at the first rung then trails the preset's, and ASHA must stop them.
+    # The trial after the preset samples a learning rate that wrecks a LoRA in two steps: its held-out
+    # corrected score at the first rung trails the preset's, and ASHA must stop it there.
     best = load(SWEEP).main([
-        "--task", "geneval", "--out", str(run), "--num-prompts", "8", "--k-gen", "4", "--sample-steps", "4",
-        "--steps", "4", "--k", "3", "--num-workers", "1", "--groups-per-step", "2", "--checkpoint-every", "2",
+        "--task", "geneval", "--out", str(run), "--num-prompts", "8", "--k-gen", "4", "--steps", "4", "--k", "3",
+        "--num-workers", "1", "--groups-per-step", "2", "--warmup-steps", "0", "--checkpoint-every", "2",
         "--eval-every", "2", "--train-eval-prompts", "4", "--eval-images-per-prompt", "2", "--lr", "1e-4",
-        "--num-samples", "3", "--grace-period", "2", "--reduction-factor", "2", "--lr-range", "0.5,1.0",
+        "--num-samples", "2", "--grace-period", "2", "--reduction-factor", "2", "--lr-range", "1.0,2.0",
         "--k-choices", "2,3",
     ])
 
     with open(run / "results.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    assert len(rows) == 3 and not any(row["error"] for row in rows)
-    assert any(row["stopped_early"] == "True" for row in rows)
-    assert any(row["stopped_early"] == "False" and row["step"] == "4" for row in rows)
+        rows = {row["lr"]: row for row in csv.DictReader(handle)}
+    assert len(rows) == 2 and not any(row["error"] for row in rows.values())
+    preset, wrecked = rows.pop("0.0001"), rows.popitem()[1]
+    assert preset["stopped_early"] == "False" and preset["step"] == "4"
+    assert wrecked["stopped_early"] == "True" and wrecked["step"] == "2"
+    assert float(wrecked["eval_corrected"]) < float(preset["eval_corrected"])
     preset = yaml.safe_load((run / "best.yaml").read_text())
     assert preset == best and set(preset) == {"task", "model", "steps", "beta", "tau", "gamma", "k", "lr"}
     train, _ = load(ALIGN).parse_args(["--task", "geneval", "--config", str(run / "best.yaml")])

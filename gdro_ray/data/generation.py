@@ -23,7 +23,7 @@ from gdro_ray.data.manifest import MANIFEST_NAME, check_resumable, write_manifes
 from gdro_ray.data.prompts import PromptRecord, load_prompts
 from gdro_ray.data.records import image_to_png, png_to_image, tensor_to_bytes
 from gdro_ray.data.shards import read_shards, remove_partial_shards, shard_paths, write_shard, written_prompt_ids
-from gdro_ray.models import TINY, load_flow_model
+from gdro_ray.models import TINY, default_image_size, default_sampler_steps, load_flow_model
 from gdro_ray.rewards import build_reward
 from gdro_ray.rewards.base import score_safely
 from gdro_ray.tasks import prompt_set, reward_for_task
@@ -40,9 +40,9 @@ class GenerationConfig:
     split: str = "train"
     seed: int = 0
     k: int = 16  # images generated per prompt (k_gen); training later draws k <= k_gen of them
-    height: int | None = None  # None: 32 on the tiny model, 512 otherwise
+    height: int | None = None  # None: models.default_image_size
     width: int | None = None
-    num_steps: int | None = None  # None: 8 on the tiny model, 28 otherwise (FLUX.1-dev)
+    num_steps: int | None = None  # None: models.default_sampler_steps
     guidance_scale: float = 3.5  # FLUX.1-dev's distilled guidance
     cfg_scale: float = 1.0  # classifier-free guidance against the empty prompt (> 1: twice the sampling cost)
     reward: dict = field(default_factory=dict)  # {"name": ..., options} over the task's default reward
@@ -55,10 +55,9 @@ class GenerationConfig:
     gpus_per_scorer: float = 0.0
 
     def __post_init__(self):
-        tiny = self.model == TINY
-        self.height = self.height or (32 if tiny else 512)
-        self.width = self.width or (32 if tiny else 512)
-        self.num_steps = self.num_steps or (8 if tiny else 28)
+        self.height = self.height or default_image_size(self.model)
+        self.width = self.width or default_image_size(self.model)
+        self.num_steps = self.num_steps or default_sampler_steps(self.model)
         self.reward = reward_for_task(self.task, self.model, self.prompt_file, self.reward)
         if self.k < 2:
             raise ValueError(f"k (images per prompt) must be >= 2 to form a group, got {self.k}")
