@@ -55,7 +55,8 @@ def test_small_run_writes_groups_that_load_back_as_tensors(ray_cluster, tmp_path
         assert all("recognised" in details or "error" in details for details in group["reward_details"])
         assert group["seeds"] == [derive_seed(0, row["prompt_id"], i) for i in range(4)]
         assert png_to_image(row["images"][0]).size == (32, 32)
-        assert json.loads(row["sampler"]) == {"height": 32, "width": 32, "num_steps": 2, "guidance_scale": 3.5}
+        assert json.loads(row["sampler"]) == {"height": 32, "width": 32, "num_steps": 2, "guidance_scale": 3.5,
+                                                 "cfg_scale": 1.0}
         # The stored latents are what the model generates from those seeds, and the cached
         # embeddings are its prompt encoding: training can trust them without re-running anything.
         prompt = model.encode_prompts([row["prompt"]])

@@ -11,6 +11,7 @@ from diffusers import FluxPipeline
 
 from gdro_ray.config import TrainConfig, build_config, read_yaml
 from gdro_ray.data.generation import GenerationConfig, generate_groups
+from gdro_ray.data.manifest import read_manifest
 from gdro_ray.data.shards import read_shards, write_shard
 from gdro_ray.models import FluxModel
 from gdro_ray.plots import read_scalars
@@ -31,10 +32,12 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def groups(ray_cluster, tmp_path_factory):
-    """Groups of the tiny FLUX scored by brightness, plus one group of 3 (smaller than k) and one tie."""
+def groups(ray_cluster, tmp_path_factory, tiny_flux_dir):
+    """Groups of a random tiny FLUX scored by brightness, plus one group of 3 (smaller than k) and one tie.
+    Training reads the model from the dataset's manifest (train_config)."""
     out = tmp_path_factory.mktemp("groups")
-    config = GenerationConfig(task="ocr", reward={"name": "brightness"}, num_prompts=6, k=6, num_steps=4, out=str(out))
+    config = GenerationConfig(task="ocr", model=str(tiny_flux_dir), reward={"name": "brightness"}, num_prompts=6,
+                              k=6, height=32, width=32, num_steps=4, out=str(out))
     generate_groups(config, progress=False)
     row = read_shards(out).to_pylist()[0]
     latents_bytes = len(row["latents"]) // 6
@@ -47,6 +50,8 @@ def groups(ray_cluster, tmp_path_factory):
 
 
 def train_config(groups, tmp_path, **overrides) -> TrainConfig:
+    if "model" not in overrides:  # the model that made the groups
+        overrides["model"] = read_manifest(groups)["identity"]["model"]
     return TrainConfig(**{**TRAIN_DEFAULTS, "data": str(groups), "storage_path": str(tmp_path), **overrides})
 
 
@@ -80,7 +85,8 @@ def test_loss_falls_when_overfitting_a_small_dataset(groups, tmp_path):
     fixed = tmp_path / "fixed"
     rows = [row for row in read_shards(groups).to_pylist() if len(row["rewards"]) == 6 and len(set(row["rewards"])) > 1]
     write_shard(rows[:2], fixed)
-    config = train_config(fixed, tmp_path, name="overfit", num_workers=1, strategy="deepspeed", steps=24, k=6,
+    config = train_config(fixed, tmp_path, model=read_manifest(groups)["identity"]["model"], name="overfit",
+                          num_workers=1, strategy="deepspeed", steps=24, k=6,
                           lr=1e-2, checkpoint_every=24, ema_decay=0.0)
     run_training(config)
     steps, losses = read_scalars(config.run_directory / "tensorboard")["train/loss_gdro"]  # read back from TensorBoard
@@ -131,7 +137,7 @@ def test_non_finite_losses_stop_the_run_with_a_clear_error(groups, tmp_path):
     rows = read_shards(groups).to_pylist()[:4]
     nan = torch.full((6, 64, 16), float("nan")).numpy().tobytes()
     write_shard([{**row, "latents": nan} for row in rows if len(row["rewards"]) == 6], broken)
-    config = train_config(broken, tmp_path, name="nan", num_workers=1, strategy="ddp", max_failures=0,
-                          max_nonfinite_steps=3, groups_per_step=1)
+    config = train_config(broken, tmp_path, model=read_manifest(groups)["identity"]["model"], name="nan",
+                          num_workers=1, strategy="ddp", max_failures=0, max_nonfinite_steps=3, groups_per_step=1)
     with pytest.raises(Exception, match="non-finite losses in a row"):
         run_training(config)
