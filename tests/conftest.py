@@ -1,4 +1,6 @@
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,22 @@ torch.set_num_threads(2)
 from gdro_ray.models import FluxModel, TinyFluxConfig, build_tiny_flux_pipeline  # noqa: E402
 
 IMAGE_SIZE = TinyFluxConfig().image_size
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """Import an entry point of the repo (e.g. "jobs/align.py") as a module: jobs/ and tune/ are scripts,
+    not packages."""
+
+    def load(relative_path: str):
+        path = REPO / relative_path
+        spec = importlib.util.spec_from_file_location(path.parent.name + "_" + path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -1,35 +1,30 @@
 """The align job end to end on the embedded tiny model, at tiny sizes: stages, run directory, resume."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import ray
 
 from gdro_ray.ray_session import init_ray
 
-ALIGN = Path(__file__).resolve().parents[1] / "jobs" / "align.py"
 SMALL = ["--num-prompts", "8", "--k-gen", "4", "--sample-steps", "4", "--steps", "4", "--k", "3",
          "--num-workers", "1", "--groups-per-step", "2", "--checkpoint-every", "2", "--eval-every", "2",
          "--train-eval-prompts", "2", "--eval-prompts", "2", "--eval-images-per-prompt", "2"]
 
 
-def load_align_job():
-    spec = importlib.util.spec_from_file_location("align_job", ALIGN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def align_job():
+def ray_cluster():
     init_ray(num_cpus=6)
-    yield load_align_job()
+    yield
     ray.shutdown()
 
 
-def test_a_small_align_run_fills_its_run_directory_and_a_rerun_skips_every_stage(align_job, tmp_path, capsys):
+@pytest.fixture
+def align_job(load_script):
+    return load_script("jobs/align.py")
+
+
+def test_a_small_align_run_fills_its_run_directory_and_a_rerun_skips_every_stage(ray_cluster, align_job, tmp_path, capsys):
     run = tmp_path / "run"
     summary = align_job.main(["--task", "geneval", "--out", str(run), *SMALL])
 
@@ -60,16 +55,16 @@ def test_a_small_align_run_fills_its_run_directory_and_a_rerun_skips_every_stage
         (["--task", "ocr", "--k-gen", "1"], "k_gen"),
     ],
 )
-def test_bad_arguments_stop_with_a_message_naming_them(argv, message, capsys):
+def test_bad_arguments_stop_with_a_message_naming_them(argv, message, align_job, capsys):
     with pytest.raises(SystemExit):
-        load_align_job().parse_args(argv)
+        align_job.parse_args(argv)
     assert message in capsys.readouterr().err
 
 
-def test_a_config_field_of_the_wrong_type_is_named(tmp_path, capsys):
+def test_a_config_field_of_the_wrong_type_is_named(align_job, tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("beta: high\n")
     with pytest.raises(SystemExit):
-        load_align_job().parse_args(["--task", "ocr", "--config", str(config)])
+        align_job.parse_args(["--task", "ocr", "--config", str(config)])
     err = capsys.readouterr().err
     assert "'beta'" in err and "float" in err

@@ -1,24 +1,12 @@
 """A tiny Ray Tune sweep on the tiny world: every trial ends, ASHA stops some early, best.yaml feeds align."""
 
 import csv
-import importlib.util
-from pathlib import Path
 
 import pytest
 import ray
 import yaml
 
 from gdro_ray.ray_session import init_ray
-
-SWEEP = Path(__file__).resolve().parents[1] / "tune" / "sweep.py"
-ALIGN = Path(__file__).resolve().parents[1] / "jobs" / "align.py"
-
-
-def load(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem + "_job", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +16,12 @@ def ray_cluster():
     ray.shutdown()
 
 
-def test_a_tiny_sweep_stops_a_trial_early_and_writes_a_preset_align_accepts(ray_cluster, tmp_path):
+def test_a_tiny_sweep_stops_a_trial_early_and_writes_a_preset_align_accepts(ray_cluster, load_script, tmp_path):
     run = tmp_path / "sweep"
     # The trial after the preset samples a learning rate that wrecks a LoRA in two steps: its held-out
     # corrected score at the first rung trails the preset's, and ASHA must stop it there. Glyphs, since
     # the judge rates the base's glyphs well above 3: any reward the preset keeps then counts for it.
-    best = load(SWEEP).main([
+    best = load_script("tune/sweep.py").main([
         "--task", "ocr", "--out", str(run), "--num-prompts", "8", "--k-gen", "4", "--steps", "4", "--k", "3",
         "--num-workers", "1", "--groups-per-step", "2", "--warmup-steps", "0", "--checkpoint-every", "2",
         "--eval-every", "2", "--train-eval-prompts", "4", "--eval-images-per-prompt", "2", "--lr", "1e-4",
@@ -50,7 +38,7 @@ def test_a_tiny_sweep_stops_a_trial_early_and_writes_a_preset_align_accepts(ray_
     assert float(wrecked["eval_corrected"]) < float(preset["eval_corrected"])
     preset = yaml.safe_load((run / "best.yaml").read_text())
     assert preset == best and set(preset) == {"task", "model", "steps", "beta", "tau", "gamma", "k", "lr"}
-    train, _ = load(ALIGN).parse_args(["--task", "ocr", "--config", str(run / "best.yaml")])
+    train, _ = load_script("jobs/align.py").parse_args(["--task", "ocr", "--config", str(run / "best.yaml")])
     assert (train.beta, train.k, train.lr) == (best["beta"], best["k"], best["lr"])
 
 
@@ -63,7 +51,7 @@ def test_a_tiny_sweep_stops_a_trial_early_and_writes_a_preset_align_accepts(ray_
         (["--reduction-factor", "1"], "reduction_factor"),
     ],
 )
-def test_bad_sweep_arguments_are_named(argv, message, capsys):
+def test_bad_sweep_arguments_are_named(argv, message, load_script, capsys):
     with pytest.raises(SystemExit):
-        load(SWEEP).parse_args(["--task", "ocr", *argv])
+        load_script("tune/sweep.py").parse_args(["--task", "ocr", *argv])
     assert message in capsys.readouterr().err
