@@ -63,7 +63,8 @@ class SweepSettings:
 
 
 def run_sweep(train: TrainConfig, align: AlignSettings, sweep: SweepSettings, log=print) -> dict:
-    """Every trial to its end or its early stop; returns the best trial's settings (also in RUN/best.yaml)."""
+    """Every trial to its end or its early stop; returns the best trial's settings (also in RUN/best.yaml).
+    Rerun with the same output directory to resume an interrupted sweep."""
     if train.eval_every < 1:
         raise ValueError("a sweep stops trials on held-out scores: set eval_every >= 1")
     if max(sweep.k) > align.k_gen:
@@ -71,11 +72,18 @@ def run_sweep(train: TrainConfig, align: AlignSettings, sweep: SweepSettings, lo
     run = Path(align.out or f"runs/sweep-{train.task}").resolve()
     train = prepare_data(train, align, run, log)
     base = dataclasses.asdict(dataclasses.replace(train, storage_path=str(run / "trials"), max_failures=0))
+    trainable, experiment = tune.with_parameters(_trial, base=base), run / "tune"
+    if tune.Tuner.can_restore(experiment):
+        # A rerun goes on where the last one stopped: finished trials stay finished, unfinished ones resume
+        # from their last checkpoint, errored ones get their retry. The sweep settings are the first run's.
+        log(f"resuming the sweep in {experiment} (its search space and settings are the first run's)")
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True, param_space=sweep.param_space())
+        return _summarise(tuner.fit(), train, run)
     scheduler = ASHAScheduler(time_attr="step", max_t=train.steps, grace_period=min(sweep.grace_period, train.steps),
                               reduction_factor=sweep.reduction_factor)
     preset = {name: getattr(train, name) for name in TUNED}
     tuner = tune.Tuner(
-        tune.with_parameters(_trial, base=base),
+        trainable,
         param_space=sweep.param_space(),
         tune_config=tune.TuneConfig(
             metric=METRIC, mode="max", scheduler=scheduler, num_samples=sweep.num_samples,
@@ -85,10 +93,14 @@ def run_sweep(train: TrainConfig, align: AlignSettings, sweep: SweepSettings, lo
                                              max_concurrent=sweep.max_concurrent_trials),
         ),
         # A trial that fails (its own Train retries are off) is retried once, never forever.
-        run_config=tune.RunConfig(name="tune", storage_path=str(run),
+        run_config=tune.RunConfig(name=experiment.name, storage_path=str(run),
                                   failure_config=tune.FailureConfig(max_failures=1)),
     )
-    results = tuner.fit()
+    return _summarise(tuner.fit(), train, run)
+
+
+def _summarise(results, train: TrainConfig, run: Path) -> dict:
+    """results.csv and best.yaml from the trials' results; the best trial's settings."""
     rows = _result_rows(results, train.steps)
     _write_csv(rows, run / "results.csv")
     finished = [row for row in rows if row.get(METRIC) is not None]

@@ -7,7 +7,7 @@
     python jobs/align.py --task ocr --config runs/sweep-ocr/best.yaml                # use the winner
 
 The first trial is the preset (or --config / flags); the others sample the ranges. The dataset flags
-are jobs/align.py's; --out defaults to runs/sweep-TASK.
+are jobs/align.py's; --out defaults to runs/sweep-TASK. Rerun the same command to resume a stopped sweep.
 """
 
 import argparse
