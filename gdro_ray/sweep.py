@@ -7,28 +7,35 @@ corrected score trails at a rung; its grace period should outlast the dip below 
 runs show early on (shared/DESIGN.md). The first trial is the preset itself.
 
     RUN/groups, RUN/eval_set      shared data
-    RUN/trials/trial-ID/          each trial's training run (checkpoints, tensorboard, lora)
-    RUN/results.csv               one row per trial: its settings, last step, last scores, stopped early
+    RUN/trials/trial-ID/          each trial's training run (checkpoints, tensorboard)
+    RUN/results.csv               one row per trial: its settings, last step, last scores, stopped early,
+                                  error, last checkpoint
     RUN/best.yaml                 the best trial's settings: a --config for jobs/align.py
+    RUN/best_lora/                the best trial's LoRA from its last checkpoint (diffusers format)
 """
 
 import csv
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
 import yaml
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray.train import Checkpoint
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from gdro_ray.align import AlignSettings, prepare_data
 from gdro_ray.config import TrainConfig, build_config
-from gdro_ray.train.trainer import run_training
+from gdro_ray.ray_session import cluster_can_grow
+from gdro_ray.train.trainer import export_lora, run_training
 
 TUNED = ("beta", "tau", "gamma", "k", "lr")
 METRIC = "eval_corrected"
+STOPPED_TRIAL_CLEANUP_S = 15  # well inside Train's 60 s wait for a worker group to start
 
 
 @dataclass
@@ -62,6 +69,31 @@ class SweepSettings:
                 "gamma": tune.uniform(*self.gamma), "lr": tune.loguniform(*self.lr), "k": tune.choice(list(self.k))}
 
 
+def trials_that_fit(train: TrainConfig, resources: dict) -> int:
+    """How many trials run at once on these resources: a trial holds a CPU for its function, and its Train
+    run num_workers workers of a CPU each (and a GPU each when it trains on GPUs)."""
+    fit = int(resources.get("CPU", 0) // (1 + train.num_workers))
+    use_gpu = train.use_gpu if train.use_gpu is not None else resources.get("GPU", 0) > 0
+    return min(fit, int(resources.get("GPU", 0) // train.num_workers)) if use_gpu else fit
+
+
+def concurrent_trials(train: TrainConfig, sweep: SweepSettings, resources: dict, can_grow: bool, log=print) -> int:
+    """The concurrency to run with. Trials beyond what a fixed cluster holds start their Train runs anyway
+    and wait on each other's workers until they time out, over and over: a sweep that never ends. So on
+    a fixed cluster (the local Ray) the concurrency is capped; a growing cluster gets what was asked."""
+    fit = trials_that_fit(train, resources)
+    if can_grow or fit >= sweep.max_concurrent_trials:
+        return sweep.max_concurrent_trials
+    if fit < 1:
+        raise ValueError(f"a trial needs {1 + train.num_workers} CPUs (its function and {train.num_workers} training "
+                         f"workers) but this Ray has {resources.get('CPU', 0):g} CPUs "
+                         f"and {resources.get('GPU', 0):g} GPUs: lower --num-workers")
+    log(f"running {fit} trial(s) at once instead of {sweep.max_concurrent_trials}: this Ray holds "
+        f"{resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs, and more trials would wait on "
+        "each other's workers")
+    return fit
+
+
 def run_sweep(train: TrainConfig, align: AlignSettings, sweep: SweepSettings, log=print) -> dict:
     """Every trial to its end or its early stop; returns the best trial's settings (also in RUN/best.yaml).
     Rerun with the same output directory to resume an interrupted sweep."""
@@ -72,6 +104,9 @@ def run_sweep(train: TrainConfig, align: AlignSettings, sweep: SweepSettings, lo
     run = Path(align.out or f"runs/sweep-{train.task}").resolve()
     train = prepare_data(train, align, run, log)
     base = dataclasses.asdict(dataclasses.replace(train, storage_path=str(run / "trials"), max_failures=0))
+    # Tune gives a stopped trial's actor up to 600 s by default to end before it kills it, and the trial's
+    # Train run holds its workers until then, while the next trial's workers wait and time out after 60 s.
+    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(STOPPED_TRIAL_CLEANUP_S))
     trainable, experiment = tune.with_parameters(_trial, base=base), run / "tune"
     if tune.Tuner.can_restore(experiment):
         # A rerun goes on where the last one stopped: finished trials stay finished, unfinished ones resume
@@ -79,6 +114,7 @@ def run_sweep(train: TrainConfig, align: AlignSettings, sweep: SweepSettings, lo
         log(f"resuming the sweep in {experiment} (its search space and settings are the first run's)")
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True, param_space=sweep.param_space())
         return _summarise(tuner.fit(), train, run)
+    concurrent = concurrent_trials(train, sweep, ray.cluster_resources(), cluster_can_grow(), log)
     scheduler = ASHAScheduler(time_attr="step", max_t=train.steps, grace_period=min(sweep.grace_period, train.steps),
                               reduction_factor=sweep.reduction_factor)
     preset = {name: getattr(train, name) for name in TUNED}
@@ -90,7 +126,7 @@ def run_sweep(train: TrainConfig, align: AlignSettings, sweep: SweepSettings, lo
             # The generator limits concurrency itself (TuneConfig's max_concurrent_trials skips generators):
             # trials beyond what the cluster holds would wait on each other's workers and hang.
             search_alg=BasicVariantGenerator(points_to_evaluate=[preset], random_state=sweep.seed,
-                                             max_concurrent=sweep.max_concurrent_trials),
+                                             max_concurrent=concurrent),
         ),
         # A trial that fails (its own Train retries are off) is retried once, never forever.
         run_config=tune.RunConfig(name=experiment.name, storage_path=str(run),
@@ -107,9 +143,13 @@ def _summarise(results, train: TrainConfig, run: Path) -> dict:
     if not finished:
         raise RuntimeError(f"no trial reported {METRIC}; see {run / 'tune'} for the trials' errors")
     best = max(finished, key=lambda row: row[METRIC])
-    settings = {"task": train.task, "model": train.model, "steps": train.steps, **{n: best[n] for n in TUNED}}
+    tuned = {name: best[name] for name in TUNED}
+    settings = {"task": train.task, "model": train.model, "steps": train.steps, **tuned}
     (run / "best.yaml").write_text(f"# best of {len(rows)} trials by {METRIC} = {best[METRIC]:.4f} "
                                    f"(trial {best['trial_id']})\n" + yaml.safe_dump(settings, sort_keys=False))
+    checkpoint = best["checkpoint"]
+    if checkpoint:  # the trial's last checkpoint: its LoRA, ready to load, without training it again
+        export_lora(Checkpoint(checkpoint), dataclasses.replace(train, **tuned), out=run / "best_lora")
     return settings
 
 
@@ -126,8 +166,19 @@ def _result_rows(results, steps: int) -> list[dict]:
         row.update({name: metrics.get(name) for name in ("step", "eval_reward", "eval_quality", METRIC)})
         row["stopped_early"] = metrics.get("step", 0) < steps and result.error is None
         row["error"] = type(result.error).__name__ if result.error else ""
+        row["checkpoint"] = _last_checkpoint_path(result)
         rows.append(row)
     return rows
+
+
+def _last_checkpoint_path(result) -> str:
+    """Where the trial's last checkpoint is ("" if it made none): TuneReportCallback reports each
+    checkpoint's path with the metrics of that step."""
+    history = result.metrics_dataframe
+    if history is None or CHECKPOINT_PATH_KEY not in history:
+        return ""
+    paths = history[CHECKPOINT_PATH_KEY].dropna()
+    return str(paths.iloc[-1]) if len(paths) else ""
 
 
 def _write_csv(rows: list[dict], path: Path) -> None:

@@ -1,17 +1,20 @@
 """A tiny Ray Tune sweep on the tiny world: every trial ends, ASHA stops some early, best.yaml feeds align."""
 
 import csv
+import dataclasses
 
 import pytest
 import ray
 import yaml
 
+from gdro_ray.config import TrainConfig
 from gdro_ray.ray_session import init_ray
+from gdro_ray.sweep import SweepSettings, concurrent_trials
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    init_ray(num_cpus=6)
+    init_ray(num_cpus=6, dashboard=True)  # as tune/sweep.py: Ray Train frees stopped trials' workers through it
     yield
     ray.shutdown()
 
@@ -34,14 +37,16 @@ def test_a_tiny_sweep_stops_a_trial_early_writes_a_preset_align_accepts_and_resu
     with open(run / "results.csv") as handle:
         rows = {row["lr"]: row for row in csv.DictReader(handle)}
     assert len(rows) == 2 and not any(row["error"] for row in rows.values())
-    preset, wrecked = rows.pop("0.0001"), rows.popitem()[1]
-    assert preset["stopped_early"] == "False" and preset["step"] == "4"
+    preset_row, wrecked = rows.pop("0.0001"), rows.popitem()[1]
+    assert preset_row["stopped_early"] == "False" and preset_row["step"] == "4"
     assert wrecked["stopped_early"] == "True" and wrecked["step"] == "2"
-    assert float(wrecked["eval_corrected"]) < float(preset["eval_corrected"])
+    assert float(wrecked["eval_corrected"]) < float(preset_row["eval_corrected"])
     preset = yaml.safe_load((run / "best.yaml").read_text())
     assert preset == best and set(preset) == {"task", "model", "steps", "beta", "tau", "gamma", "k", "lr"}
     train, _ = load_script("jobs/align.py").parse_args(["--task", "ocr", "--config", str(run / "best.yaml")])
     assert (train.beta, train.k, train.lr) == (best["beta"], best["k"], best["lr"])
+    assert preset_row["checkpoint"] and (run / "best_lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert yaml.safe_load((run / "best_lora" / "config.yaml").read_text())["lr"] == best["lr"]
 
     # A rerun restores the finished sweep instead of training again.
     checkpoints = {path: path.stat().st_mtime_ns for path in (run / "trials").rglob("*.safetensors")}
@@ -65,3 +70,18 @@ def test_bad_sweep_arguments_are_named(argv, message, load_script, capsys):
     with pytest.raises(SystemExit):
         load_script("tune/sweep.py").parse_args(["--task", "ocr", *argv])
     assert message in capsys.readouterr().err
+
+
+def test_a_fixed_cluster_runs_only_the_trials_it_holds(capsys):
+    two_workers = TrainConfig(num_workers=2, use_gpu=False)
+    asked = SweepSettings(max_concurrent_trials=2)
+    # 4 CPUs: one trial's function and its two workers take 3, a second trial would wait on them forever.
+    assert concurrent_trials(two_workers, asked, {"CPU": 4.0}, can_grow=False) == 1
+    assert "1 trial(s) at once instead of 2" in capsys.readouterr().out
+    assert concurrent_trials(two_workers, asked, {"CPU": 6.0}, can_grow=False) == 2
+    assert concurrent_trials(two_workers, asked, {"CPU": 4.0}, can_grow=True) == 2  # an autoscaler may add nodes
+    on_gpus = dataclasses.replace(two_workers, use_gpu=None)  # None: GPUs when the cluster has them
+    assert concurrent_trials(on_gpus, SweepSettings(max_concurrent_trials=8), {"CPU": 64.0, "GPU": 4.0},
+                             can_grow=False) == 2
+    with pytest.raises(ValueError, match="lower --num-workers"):
+        concurrent_trials(two_workers, asked, {"CPU": 2.0}, can_grow=False)

@@ -57,7 +57,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     train, align, sweep = parse_args(argv)
-    init_ray()
+    init_ray(dashboard=True)
     best = run_sweep(train, align, sweep)
     print(f"best settings ({align.out}/best.yaml): {best}")
     return best

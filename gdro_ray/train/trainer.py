@@ -51,14 +51,14 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> ray.trai
         datasets={"train": dataset},
     )
     result = trainer.fit()
-    export_lora(result, config)
+    export_lora(result.checkpoint, config)
     return result
 
 
-def export_lora(result: ray.train.Result, config: TrainConfig) -> Path:
-    """Copy the final (EMA) LoRA out of the last checkpoint, with the config used beside it."""
-    out = config.run_directory / "lora"
-    with result.checkpoint.as_directory() as directory:
+def export_lora(checkpoint: ray.train.Checkpoint, config: TrainConfig, out: Path | None = None) -> Path:
+    """Copy the (EMA) LoRA out of a checkpoint, with the config used beside it (default: RUN/lora)."""
+    out = out or config.run_directory / "lora"
+    with checkpoint.as_directory() as directory:
         source = Path(directory) / ("ema_lora" if config.ema_decay > 0 else "lora")
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(source, out)
