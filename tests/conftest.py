@@ -3,6 +3,7 @@ import os
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 
 # Tests never touch the network: a hub lookup fails fast instead of hanging.
@@ -10,9 +11,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
 from gdro_ray.models import FluxModel, TinyFluxConfig, build_tiny_flux_pipeline  # noqa: E402
+from gdro_ray.ray_session import init_ray  # noqa: E402
 
 IMAGE_SIZE = TinyFluxConfig().image_size
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray for a test module, started as the jobs start it (the dashboard as tune/sweep.py has it:
+    Ray Train frees stopped trials' workers through it)."""
+    init_ray(num_cpus=6, dashboard=True)
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

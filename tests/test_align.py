@@ -3,20 +3,10 @@
 import json
 
 import pytest
-import ray
-
-from gdro_ray.ray_session import init_ray
 
 SMALL = ["--num-prompts", "8", "--k-gen", "4", "--sample-steps", "4", "--steps", "4", "--k", "3",
          "--num-workers", "1", "--groups-per-step", "2", "--checkpoint-every", "2", "--eval-every", "2",
          "--train-eval-prompts", "2", "--eval-prompts", "2", "--eval-images-per-prompt", "2"]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    init_ray(num_cpus=6)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture
@@ -24,7 +14,7 @@ def align_job(load_script):
     return load_script("jobs/align.py")
 
 
-def test_a_small_align_run_fills_its_run_directory_and_a_rerun_skips_every_stage(ray_cluster, align_job, tmp_path, capsys):
+def test_a_small_align_run_fills_its_run_directory_and_a_rerun_skips_every_stage(local_ray, align_job, tmp_path, capsys):
     run = tmp_path / "run"
     summary = align_job.main(["--task", "geneval", "--out", str(run), *SMALL])
 

@@ -4,22 +4,13 @@ import csv
 import dataclasses
 
 import pytest
-import ray
 import yaml
 
 from gdro_ray.config import TrainConfig
-from gdro_ray.ray_session import init_ray
 from gdro_ray.sweep import SweepSettings, concurrent_trials
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    init_ray(num_cpus=6, dashboard=True)  # as tune/sweep.py: Ray Train frees stopped trials' workers through it
-    yield
-    ray.shutdown()
-
-
-def test_a_tiny_sweep_stops_a_trial_early_writes_a_preset_align_accepts_and_resumes(ray_cluster, load_script, tmp_path,
+def test_a_tiny_sweep_stops_a_trial_early_writes_a_preset_align_accepts_and_resumes(local_ray, load_script, tmp_path,
                                                                                    capsys):
     run = tmp_path / "sweep"
     # The trial after the preset samples a learning rate that wrecks a LoRA in two steps: its held-out
