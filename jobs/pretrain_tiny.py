@@ -20,14 +20,19 @@ from gdro_ray.tiny_world.pretrain import PretrainConfig, pretrain
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for field in dataclasses.fields(PretrainConfig):
-        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(field.default, tuple):
+            parser.add_argument(flag, type=int, nargs="+", default=field.default)
+        else:
+            parser.add_argument(flag, type=type(field.default), default=field.default)
     parser.add_argument("--work-dir", type=Path, default=Path("runs/pretrain-tiny"), help="checkpoints, for resume")
     parser.add_argument("--out", type=Path, default=PRETRAINED_DIR)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
+    config = PretrainConfig(**{f.name: tuple(v) if isinstance(v := getattr(args, f.name), list) else v
+                               for f in dataclasses.fields(PretrainConfig)})
     recipe = pretrain(args.work_dir, args.out, config, device=args.device, log=lambda message: print(message, flush=True))
     print(f"saved {args.out} after {recipe['seconds']} s (final loss {recipe['final_loss']:.4f})")
 

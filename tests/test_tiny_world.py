@@ -415,3 +415,29 @@ def test_the_shipped_tiny_model_is_small_loads_and_records_its_recipe():
     assert model.transformer.config.num_layers == TINY_WORLD_MODEL.num_layers
     group = model.generate(model.encode_prompts(['a sign that says "TEA"']), [0, 1], 32, 32, num_steps=4)
     assert group.images.shape == (2, 3, 32, 32) and torch.isfinite(group.latents).all()
+
+
+# --- pretraining -----------------------------------------------------------------------------------
+
+
+def test_pretraining_resumes_and_exports_the_moving_average_of_the_weights(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from gdro_ray.tiny_world.pretrain import PretrainConfig, pretrain
+
+    short = dict(batch_size=4, vae_steps=2, steps=4, warmup_steps=1, checkpoint_every=2, ema_decay=0.9)
+    messages = []
+    pretrain(tmp_path / "work", tmp_path / "first", PretrainConfig(**short), log=messages.append)
+    recipe = pretrain(tmp_path / "work", tmp_path / "model", PretrainConfig(**{**short, "steps": 6}), log=messages.append)
+    assert "resumed: stage transformer, step 4" in " ".join(messages)
+    assert recipe["config"]["steps"] == 6 and tuple(recipe["config"]["glyph_lengths"]) == (1, 1, 2, 2, 3)
+
+    last = torch.load(tmp_path / "work" / "checkpoint.pt", weights_only=False)
+    assert last["step"] == 6 and last["ema"] is not None
+    exported = load_file(tmp_path / "model" / "transformer" / "diffusion_pytorch_model.safetensors")
+    trained = last["modules"]["transformer"]
+    # The export is the average, which lags the last weights; the first export (4 steps) differs from it.
+    assert any(not torch.equal(exported[name], trained[name]) for name in exported)
+    first = load_file(tmp_path / "first" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(exported[name], first[name]) for name in exported)

@@ -39,6 +39,7 @@ class TinyFluxConfig:
     text_dim: int = 32
     text_layers: int = 2
     t5_max_length: int = 32
+    t5_position_buckets: int = 8  # T5's relative-position buckets: how finely its tokens tell their order
 
 
 def byte_level_chars() -> list[str]:
@@ -100,7 +101,7 @@ def build_tiny_flux_pipeline(config: TinyFluxConfig = TinyFluxConfig(), seed: in
             d_ff=config.text_dim * 2,
             num_layers=config.text_layers,
             num_heads=4,
-            relative_attention_num_buckets=8,
+            relative_attention_num_buckets=config.t5_position_buckets,
             pad_token_id=t5_tokenizer.pad_token_id,
             eos_token_id=t5_tokenizer.eos_token_id,
             decoder_start_token_id=t5_tokenizer.pad_token_id,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import FluxPipeline
-from diffusers.training_utils import compute_density_for_timestep_sampling
+from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
 
 from gdro_ray.data.prompts import is_heldout
 from gdro_ray.flow import noisy_latents, velocity_target
@@ -53,8 +53,10 @@ class PretrainConfig:
     wrong_color_rate: float = 0.15
     wrong_text_rate: float = 0.1  # glyph renders showing another text
     glyph_fraction: float = 0.55  # the share of glyph renders in a batch; the rest are shapes scenes
+    glyph_lengths: tuple[int, ...] = (1, 1, 2, 2, 3)  # text lengths of glyph renders, drawn uniformly
     text_lr_scale: float = 3.0  # the text encoders' learning rate, relative to lr
     prompt_dropout: float = 0.1  # captions replaced by "": the model also learns p(x), for guided sampling
+    ema_decay: float = 0.0  # > 0: export this moving average of the trained weights instead of the last ones
     checkpoint_every: int = 200
     time_limit_minutes: float = 58.0  # stop (and export) when reached, whatever the step
 
@@ -91,7 +93,8 @@ class RenderedPrompts:
         for _ in range(size):
             if rng.random() < self.config.glyph_fraction:
                 # Drawn with replacement: a distinct-prompt stream would run dry of short texts.
-                record = next(r for r in iter(lambda: random_glyph_prompt(rng), None) if self.keep(r))
+                draw = lambda: random_glyph_prompt(rng, self.config.glyph_lengths)  # noqa: E731
+                record = next(r for r in iter(draw, None) if self.keep(r))
                 image = render_glyphs(noisy_text(record.metadata["text"], rng, self.config), rng)
             else:
                 record = rng.choice(self.shapes)
@@ -182,11 +185,14 @@ def _train_transformer(pipeline, data, rng, config, work_dir, state, elapsed, lo
     schedule = lambda step: min(1.0, (step + 1) / config.warmup_steps) * (  # noqa: E731
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, config.steps) / config.steps)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    ema = EMAModel(parameters, decay=config.ema_decay) if config.ema_decay > 0 else None
     step = 0
     if state is not None and state.get("optimizer") is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
     device = transformer.device
     tokens = (pipeline.vae.config.sample_size // (pipeline.vae_scale_factor * 2)) ** 2
     losses = []
@@ -210,19 +216,23 @@ def _train_transformer(pipeline, data, rng, config, work_dir, state, elapsed, lo
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.step(parameters)
         step += 1
         losses.append(loss.item())
         if step % 50 == 0:
             log(f"transformer step {step}/{config.steps} loss {sum(losses[-50:]) / 50:.4f} "
                 f"lr {scheduler.get_last_lr()[0]:.2e} ({elapsed():.0f} s)")
         if step % config.checkpoint_every == 0:
-            _save_checkpoint(work_dir, pipeline, "transformer", step, optimizer, rng, elapsed(), scheduler)
+            _save_checkpoint(work_dir, pipeline, "transformer", step, optimizer, rng, elapsed(), scheduler, ema)
+    if ema is not None:
+        ema.copy_to(parameters)
     for module in trained:
         module.eval()
     return losses
 
 
-def _save_checkpoint(work_dir, pipeline, stage, step, optimizer, rng, seconds, scheduler=None) -> None:
+def _save_checkpoint(work_dir, pipeline, stage, step, optimizer, rng, seconds, scheduler=None, ema=None) -> None:
     state = {
         "stage": stage, "step": step, "seconds": seconds,
         "modules": {name: getattr(pipeline, name).state_dict()
@@ -231,6 +241,7 @@ def _save_checkpoint(work_dir, pipeline, stage, step, optimizer, rng, seconds, s
                        "scaling_factor": pipeline.vae.config.scaling_factor},
         "optimizer": optimizer.state_dict() if optimizer else None,
         "scheduler": scheduler.state_dict() if scheduler else None,
+        "ema": ema.state_dict() if ema else None,
         "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
     }  # fmt: skip
     partial = work_dir / "checkpoint.pt.tmp"
