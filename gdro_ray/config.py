@@ -100,11 +100,12 @@ PRESETS: dict[str, dict[str, dict]] = {
         "ocr": dict(tau=0.05, gamma=0.5, beta=12.0, k=6, steps=300, lr=3e-4, lora_rank=32, lora_alpha=32.0),
         "geneval": dict(tau=0.05, gamma=1.0, beta=6.0, k=6, steps=700, lr=3e-4, lora_rank=32, lora_alpha=32.0),
     },
-    # The embedded tiny model: sized so that the whole align job fits 15 minutes on 2 CPU cores.
+    # The embedded tiny model: sized so that the whole align job fits 15 minutes on 2 CPU cores. GenEval
+    # takes the paper's GenEval beta and gamma (6, 1.0), which did at least as well here as 10 and 0.5.
     "tiny": {
-        task: dict(tau=0.05, gamma=0.5, beta=10.0, k=6, steps=300, lr=5e-4, lora_rank=16, lora_alpha=16.0,
+        task: dict(tau=0.05, gamma=gamma, beta=beta, k=6, steps=300, lr=5e-4, lora_rank=16, lora_alpha=16.0,
                    groups_per_step=4, checkpoint_every=100, eval_every=100)
-        for task in ("ocr", "geneval")
+        for task, beta, gamma in (("ocr", 10.0, 0.5), ("geneval", 6.0, 1.0))
     },
 }
 
