@@ -31,8 +31,11 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = PretrainConfig(**{f.name: tuple(v) if isinstance(v := getattr(args, f.name), list) else v
-                               for f in dataclasses.fields(PretrainConfig)})
+    try:
+        config = PretrainConfig(**{f.name: tuple(v) if isinstance(v := getattr(args, f.name), list) else v
+                                   for f in dataclasses.fields(PretrainConfig)})
+    except ValueError as error:
+        parser.error(str(error))
     recipe = pretrain(args.work_dir, args.out, config, device=args.device, log=lambda message: print(message, flush=True))
     print(f"saved {args.out} after {recipe['seconds']} s (final loss {recipe['final_loss']:.4f})")
 

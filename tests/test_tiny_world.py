@@ -442,3 +442,15 @@ def test_pretraining_resumes_and_exports_the_moving_average_of_the_weights(tmp_p
     average = dict(zip(names, last["ema"]["shadow_params"], strict=False))
     assert all(torch.equal(exported[name], average[name]) for name in names)
     assert any(not torch.equal(exported[name], last["modules"]["transformer"][name]) for name in names)
+
+
+@pytest.mark.parametrize("field, value, message", [("glyph_lengths", (), "glyph_lengths"),
+                                                   ("glyph_lengths", (1, 4), "1 to 3 letters"),
+                                                   ("ema_decay", 1.0, "ema_decay must be in [0, 1)")])
+def test_a_bad_pretraining_recipe_is_refused_by_name(field, value, message):
+    import re
+
+    from gdro_ray.tiny_world.pretrain import PretrainConfig
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        PretrainConfig(**{field: value})

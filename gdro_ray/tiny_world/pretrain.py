@@ -60,6 +60,12 @@ class PretrainConfig:
     checkpoint_every: int = 200
     time_limit_minutes: float = 58.0  # stop (and export) when reached, whatever the step
 
+    def __post_init__(self):
+        if not self.glyph_lengths or not all(1 <= length <= 3 for length in self.glyph_lengths):
+            raise ValueError(f"glyph_lengths must hold text lengths of 1 to 3 letters, got {self.glyph_lengths}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: export the last weights), got {self.ema_decay}")
+
 
 def noisy_shapes_metadata(metadata: dict, rng: random.Random, config: PretrainConfig) -> dict:
     """The metadata a render will show: the prompt's, or with a count or a colour changed."""
