@@ -19,6 +19,7 @@ from gdro_ray.tiny_world.detector import (
     read_inks,
     shape_features,
 )
+from gdro_ray.models.tiny_flux import build_t5_tokenizer
 from gdro_ray.tiny_world.glyphs import glyphs_stream, render_glyphs
 from gdro_ray.tiny_world.judge import (
     PENALTIES,
@@ -130,6 +131,16 @@ def test_glyph_renders_pass_ocr(ocr_reward):
     results = ocr_reward.score(images, [with_meta(r) for r in GLYPH_PROMPTS])
     misread = [(r.details["target"], r.details["recognised"]) for r in results if r.reward < 1]
     assert np.mean([r.reward for r in results]) >= 0.95, misread
+
+
+@pytest.mark.parametrize("prompts", [SHAPE_PROMPTS, GLYPH_PROMPTS], ids=["shapes", "glyphs"])
+def test_prompt_words_are_whole_pieces_of_the_tiny_t5_vocabulary(prompts):
+    # A word missing from the vocabulary would cost one of T5's 32 tokens per character.
+    tokenizer = build_t5_tokenizer()
+    for record in prompts:
+        words = record.prompt.replace(f'"{record.metadata.get("text", "")}"', "")
+        pieces = tokenizer.tokenize(words)
+        assert all(piece.startswith("\u2581") and len(piece) > 1 for piece in pieces), (record.prompt, pieces)
 
 
 # --- detector: pixels and geometry ---------------------------------------------------------------------
@@ -413,6 +424,8 @@ def test_the_shipped_tiny_model_is_small_loads_and_records_its_recipe():
     model = load_flow_model("tiny", device="cpu")
     assert isinstance(model, FluxModel)
     assert model.transformer.config.num_layers == TINY_WORLD_MODEL.num_layers
+    # Pretrained with today's vocabulary: every template word of the world is a piece it learned.
+    assert model.pipeline.tokenizer_2.get_vocab() == build_t5_tokenizer().get_vocab()
     group = model.generate(model.encode_prompts(['a sign that says "TEA"']), [0, 1], 32, 32, num_steps=4)
     assert group.images.shape == (2, 3, 32, 32) and torch.isfinite(group.latents).all()
 
