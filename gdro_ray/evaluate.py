@@ -1,5 +1,6 @@
 """Held-out evaluation: the same prompts and seeds through a base and an aligned model, scored by the
-task reward and a quality judge, summarised with the GDRO paper's corrected score, and pictured.
+task reward and a quality judge, summarised with the GDRO paper's corrected score and the paired change
+from base to aligned (with standard errors), and pictured.
 
     corrected = r_mean * (u_hat - 3) + 0.2      (u_hat: the judge's mean 1-5 rating)
 """
@@ -67,6 +68,26 @@ def summarise(scores: list[ImageScore]) -> dict:
             "per_tag": per_tag, "images": len(scores)}
 
 
+def paired_change(base: list[ImageScore], aligned: list[ImageScore]) -> dict:
+    """Aligned minus base, image by image over the same prompts and seeds: the mean change of the reward and of
+    the judge's rating, each with its standard error, and how many images changed reward. Pairing removes the
+    spread between prompts, so a gain of about two standard errors is one that more images would keep."""
+    pairs = list(zip(base, aligned, strict=True))
+    if any((b.prompt_id, b.seed) != (a.prompt_id, a.seed) for b, a in pairs):
+        raise ValueError("base and aligned scores must come from the same prompts and seeds, in the same order")
+    if len(pairs) < 2:
+        raise ValueError(f"a paired change needs at least 2 images, got {len(pairs)}")
+
+    def mean_and_error(differences: list[float]) -> dict:
+        mean = _mean(differences)
+        variance = sum((d - mean) ** 2 for d in differences) / (len(differences) - 1)
+        return {"mean": mean, "standard_error": (variance / len(differences)) ** 0.5}
+
+    return {"reward": mean_and_error([a.reward - b.reward for b, a in pairs]),
+            "quality": mean_and_error([a.quality - b.quality for b, a in pairs]),
+            "reward_changed": sum(a.reward != b.reward for b, a in pairs), "images": len(pairs)}
+
+
 def write_results(directory: str | Path, name: str, scores: list[ImageScore], summary: dict) -> None:
     """NAME.json (summary and every image's scores) and NAME.csv (one row per image)."""
     directory = Path(directory)
@@ -120,15 +141,22 @@ def default_judge(model_name: str, judge_url: str | None = None, token_env: str 
 
 def format_table(summary: dict) -> str:
     lines = [f"{'':10}{'reward':>8}{'quality':>9}{'corrected':>11}"]
-    lines += [f"{name:10}{r['reward']:>8.3f}{r['quality']:>9.2f}{r['corrected']:>11.3f}"
-              for name, r in summary.items() if isinstance(r, dict)]
+    lines += [f"{name:10}{summary[name]['reward']:>8.3f}{summary[name]['quality']:>9.2f}"
+              f"{summary[name]['corrected']:>11.3f}" for name in ("base", "aligned")]
+    if "change" in summary:
+        change = summary["change"]
+        reward, quality = change["reward"], change["quality"]
+        lines.append(f"change: reward {reward['mean']:+.3f} +- {reward['standard_error']:.3f}, quality "
+                     f"{quality['mean']:+.2f} +- {quality['standard_error']:.2f} (paired over {change['images']} "
+                     f"images, +- one standard error; {change['reward_changed']} changed reward)")
     return "\n".join(lines)
 
 
 def evaluate_lora(task: str, model_name: str, lora: str | Path, out: str | Path, judge: QualityJudge, *,
                   num_prompts: int = 32, images_per_prompt: int = 4, seed: int = 0, size: int | None = None,
                   num_steps: int | None = None, cfg_scale: float = 1.0) -> dict:
-    """Base against aligned on the task's held-out prompts, same seeds; writes results and comparison.png.
+    """Base against aligned on the task's held-out prompts, same seeds, with the paired change between them;
+    writes results and comparison.png.
 
     A finished evaluation (its summary.json) is read back instead of being run again.
     """
@@ -149,11 +177,12 @@ def evaluate_lora(task: str, model_name: str, lora: str | Path, out: str | Path,
     images = {"base": generate_images(model, prompts, seeds, size, size, num_steps)}
     model.load_lora(lora)  # the same model, so a real checkpoint is held once
     images["aligned"] = generate_images(model, prompts, seeds, size, size, num_steps)
-    summary = {}
+    summary, scores = {}, {}
     for name, rows in images.items():
-        scores = score_images(reward, judge, prompts, seeds, rows, task)
-        summary[name] = summarise(scores)
-        write_results(out, name, scores, summary[name])
+        scores[name] = score_images(reward, judge, prompts, seeds, rows, task)
+        summary[name] = summarise(scores[name])
+        write_results(out, name, scores[name], summary[name])
+    summary["change"] = paired_change(scores["base"], scores["aligned"])
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     comparison_grid(images["base"], images["aligned"]).save(out / "comparison.png")
     return summary

@@ -11,7 +11,9 @@ from gdro_ray.evaluate import (
     ImageScore,
     comparison_grid,
     default_judge,
+    format_table,
     generate_images,
+    paired_change,
     score_images,
     summarise,
     write_results,
@@ -30,6 +32,27 @@ def test_summary_is_worked_out_by_hand():
     assert summary["per_tag"] == {"colors": 0.5, "counting": 0.5} and summary["images"] == 4
     with pytest.raises(ValueError, match="no scored images"):
         summarise([])
+
+
+def test_paired_change_is_worked_out_by_hand():
+    base = [ImageScore("a", "p", "ocr", seed, reward, 4.0) for seed, reward in enumerate([0.0, 0.5, 1.0])]
+    aligned = [ImageScore("a", "p", "ocr", seed, reward, quality)
+               for seed, reward, quality in zip(range(3), [1.0, 0.5, 1.0], [4.0, 3.0, 5.0])]
+    change = paired_change(base, aligned)
+    # reward differences 1, 0, 0: mean 1/3, sample variance 1/3, standard error sqrt(1/3 / 3) = 1/3
+    assert change["reward"]["mean"] == pytest.approx(1 / 3) and change["reward"]["standard_error"] == pytest.approx(1 / 3)
+    # quality differences 0, -1, 1: mean 0, sample variance 1, standard error sqrt(1/3)
+    assert change["quality"]["mean"] == pytest.approx(0) and change["quality"]["standard_error"] == pytest.approx(3**-0.5)
+    assert change["reward_changed"] == 1 and change["images"] == 3
+    table = format_table({"base": summarise(base), "aligned": summarise(aligned), "change": change})
+    assert "reward +0.333 +- 0.333" in table and "1 changed reward" in table
+
+    with pytest.raises(ValueError, match="same prompts and seeds"):
+        paired_change(base, aligned[::-1])
+    with pytest.raises(ValueError):
+        paired_change(base, aligned[:2])
+    with pytest.raises(ValueError, match="at least 2 images"):
+        paired_change(base[:1], aligned[:1])
 
 
 def test_generated_images_are_scored_written_and_pictured(tiny_flux, tmp_path):
@@ -71,7 +94,8 @@ def test_the_evaluate_job_compares_base_and_aligned(tmp_path):
     model.save_lora(tmp_path / "lora")
     summary = evaluate_job.main(["--task", "geneval", "--lora", str(tmp_path / "lora"), "--eval-prompts", "2",
                                  "--images-per-prompt", "2", "--num-steps", "2", "--out", str(tmp_path / "eval")])
-    assert set(summary) == {"base", "aligned"} and summary["base"]["images"] == 4
+    assert set(summary) == {"base", "aligned", "change"} and summary["base"]["images"] == 4
+    assert summary["change"]["reward"]["mean"] == pytest.approx(summary["aligned"]["reward"] - summary["base"]["reward"])
     for name in ("base.json", "base.csv", "aligned.json", "aligned.csv", "summary.json", "comparison.png"):
         assert (tmp_path / "eval" / name).is_file()
     # The LoRA is really applied: the aligned half of the picture differs from the base half.
