@@ -72,7 +72,9 @@ def paired_change(base: list[ImageScore], aligned: list[ImageScore]) -> dict:
     """Aligned minus base, image by image over the same prompts and seeds: the mean change of the reward and of
     the judge's rating, each with its standard error, and how many images changed reward. Pairing removes the
     spread between prompts, so a gain of about two standard errors is one that more images would keep."""
-    pairs = list(zip(base, aligned, strict=True))
+    if len(base) != len(aligned):
+        raise ValueError(f"base and aligned scores must pair up, got {len(base)} and {len(aligned)} images")
+    pairs = list(zip(base, aligned))
     if any((b.prompt_id, b.seed) != (a.prompt_id, a.seed) for b, a in pairs):
         raise ValueError("base and aligned scores must come from the same prompts and seeds, in the same order")
     if len(pairs) < 2:

@@ -49,7 +49,7 @@ def test_paired_change_is_worked_out_by_hand():
 
     with pytest.raises(ValueError, match="same prompts and seeds"):
         paired_change(base, aligned[::-1])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="got 3 and 2 images"):
         paired_change(base, aligned[:2])
     with pytest.raises(ValueError, match="at least 2 images"):
         paired_change(base[:1], aligned[:1])
