@@ -24,8 +24,11 @@ GLYPH_TEMPLATES = (
 )
 
 
-def random_glyph_prompt(rng: random.Random, lengths: tuple[int, ...] = (1, 1, 2, 2, 3)) -> PromptRecord:
-    """A random text, its length drawn from ``lengths`` (1 or 2 characters more often), in a random template."""
+GLYPH_LENGTHS = (1, 1, 2, 2, 3)  # text lengths, drawn uniformly: 1 or 2 characters more often than 3
+
+
+def random_glyph_prompt(rng: random.Random, lengths: tuple[int, ...] = GLYPH_LENGTHS) -> PromptRecord:
+    """A random text, its length drawn from ``lengths``, in a random template."""
     text = "".join(rng.choice(GLYPH_ALPHABET) for _ in range(rng.choice(lengths)))
     return make_record("ocr", rng.choice(GLYPH_TEMPLATES).format(text=text), {"text": text})
 

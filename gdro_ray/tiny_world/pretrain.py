@@ -28,7 +28,7 @@ from diffusers.training_utils import EMAModel, compute_density_for_timestep_samp
 from gdro_ray.data.prompts import is_heldout
 from gdro_ray.flow import noisy_latents, velocity_target
 from gdro_ray.models.tiny_flux import TinyFluxConfig, build_tiny_flux_pipeline
-from gdro_ray.tiny_world.glyphs import GLYPH_ALPHABET, random_glyph_prompt, render_glyphs
+from gdro_ray.tiny_world.glyphs import GLYPH_ALPHABET, GLYPH_LENGTHS, random_glyph_prompt, render_glyphs
 from gdro_ray.tiny_world.shapes import SHAPE_COLORS, shapes_stream, render_shapes
 
 # The shipped model's sizes: about 2M transformer parameters, 64 image tokens of 16 channels.
@@ -53,7 +53,7 @@ class PretrainConfig:
     wrong_color_rate: float = 0.15
     wrong_text_rate: float = 0.1  # glyph renders showing another text
     glyph_fraction: float = 0.55  # the share of glyph renders in a batch; the rest are shapes scenes
-    glyph_lengths: tuple[int, ...] = (1, 1, 2, 2, 3)  # text lengths of glyph renders, drawn uniformly
+    glyph_lengths: tuple[int, ...] = GLYPH_LENGTHS  # text lengths of glyph renders, drawn uniformly
     text_lr_scale: float = 3.0  # the text encoders' learning rate, relative to lr
     prompt_dropout: float = 0.1  # captions replaced by "": the model also learns p(x), for guided sampling
     ema_decay: float = 0.0  # > 0: export this moving average of the trained weights instead of the last ones
