@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from gdro_ray.data.prompts import load_prompts
 from gdro_ray.rewards.geneval import COUNTING_CONFIDENCE_THRESHOLD, GenEvalReward
 from gdro_ray.rewards.ocr import OCRReward
 from gdro_ray.rewards.quality import QualityJudge, corrected_score
@@ -20,7 +21,7 @@ from gdro_ray.tiny_world.detector import (
     shape_features,
 )
 from gdro_ray.models.tiny_flux import build_t5_tokenizer
-from gdro_ray.tiny_world.glyphs import glyphs_stream, render_glyphs
+from gdro_ray.tiny_world.glyphs import GLYPH_ALPHABET, GLYPH_LENGTHS, GLYPH_TEMPLATES, glyphs_stream, render_glyphs
 from gdro_ray.tiny_world.judge import (
     PENALTIES,
     QualityMeasurements,
@@ -101,6 +102,21 @@ def oversized(text: str, rng: random.Random) -> Image.Image:
     """The text as large as a canvas three times wider allows, cut to the canvas."""
     big = render_glyphs(text, rng, size=3 * SIZE)
     return big.crop((SIZE, SIZE, 2 * SIZE, 2 * SIZE))
+
+
+# --- the prompt worlds ----------------------------------------------------------------------------
+
+
+def test_glyph_world_keeps_its_length_mix_in_both_splits():
+    world = list(glyphs_stream(0))
+    lengths = [len(record.metadata["text"]) for record in world]
+    assert len({record.prompt for record in world}) == len(world)
+    assert lengths.count(1) == len(GLYPH_ALPHABET) * len(GLYPH_TEMPLATES)  # it ends when single letters run out
+    for split in ("train", "heldout"):
+        texts = [r.metadata["text"] for r in load_prompts("tiny-ocr", num_prompts=100, seed=0, split=split)]
+        shares = {n: sum(len(text) == n for text in texts) / len(texts) for n in (1, 2, 3)}
+        for n, share in shares.items():  # 2 : 2 : 1, as GLYPH_LENGTHS draws them
+            assert abs(share - GLYPH_LENGTHS.count(n) / len(GLYPH_LENGTHS)) < 0.12, (split, shares)
 
 
 # --- ground truth scores on the task rewards ----------------------------------------------------------

@@ -16,33 +16,42 @@ from gdro_ray.data.prompts import PromptRecord, make_record
 IMAGE_SIZE = 32
 # Twelve letters: few enough that a tiny model pretrained for an hour on a CPU learns each one.
 GLYPH_ALPHABET = "ACEHKMNPRTXY"
-GLYPH_TEMPLATES = (
-    'a sign that says "{text}"',
-    'the text "{text}" in bold letters',
-    'a poster with the word "{text}"',
-    'a label reading "{text}"',
-)
-
-
+# OCR-task templates: ten surfaces in four phrasings. Forty templates give 480 single-letter prompts,
+# enough for the world to keep its length mix among distinct prompts, held-out ones included.
+GLYPH_SURFACES = ("sign", "poster", "label", "banner", "sticker", "card", "board", "flag", "badge", "page")
+GLYPH_TEMPLATES = tuple(
+    phrasing.format(surface=surface, text="{text}")
+    for phrasing in ('a {surface} that says "{text}"', 'a {surface} reading "{text}"',
+                     'a {surface} with the word "{text}"', 'the text "{text}" on a {surface}')
+    for surface in GLYPH_SURFACES
+)  # fmt: skip
 GLYPH_LENGTHS = (1, 1, 2, 2, 3)  # text lengths, drawn uniformly: 1 or 2 characters more often than 3
 
 
 def random_glyph_prompt(rng: random.Random, lengths: tuple[int, ...] = GLYPH_LENGTHS) -> PromptRecord:
     """A random text, its length drawn from ``lengths``, in a random template."""
-    text = "".join(rng.choice(GLYPH_ALPHABET) for _ in range(rng.choice(lengths)))
+    return _glyph_prompt(rng, rng.choice(lengths))
+
+
+def _glyph_prompt(rng: random.Random, length: int) -> PromptRecord:
+    text = "".join(rng.choice(GLYPH_ALPHABET) for _ in range(length))
     return make_record("ocr", rng.choice(GLYPH_TEMPLATES).format(text=text), {"text": text})
 
 
 def glyphs_stream(seed: int) -> Iterator[PromptRecord]:
-    """Distinct glyph prompts, until the world (about 7,500 prompts) runs out."""
-    rng, seen, misses = random.Random(seed), set(), 0
-    while misses < 1000:
-        record = random_glyph_prompt(rng)
-        if record.prompt in seen:
-            misses += 1
-            continue
+    """Distinct glyph prompts whose text lengths follow GLYPH_LENGTHS (2 : 2 : 1), until a length runs
+    out of prompts: the 480 single-letter ones end the world at about 1,200 prompts. Drawing distinct
+    prompts without a length quota would use up the short texts first and leave the held-out split
+    mostly three-letter texts."""
+    rng, seen = random.Random(seed), set()
+    left = {length: len(GLYPH_ALPHABET) ** length * len(GLYPH_TEMPLATES) for length in set(GLYPH_LENGTHS)}
+    while True:
+        length = rng.choice(GLYPH_LENGTHS)
+        if left[length] == 0:
+            return
+        record = next(r for r in iter(lambda: _glyph_prompt(rng, length), None) if r.prompt not in seen)
         seen.add(record.prompt)
-        misses = 0
+        left[length] -= 1
         yield record
 
 
