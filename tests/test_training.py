@@ -80,6 +80,24 @@ def test_two_deepspeed_workers_train_and_export_a_diffusers_lora(groups, tmp_pat
     assert not torch.allclose(velocity_probe(FluxModel(pipeline, device="cpu")), base)
 
 
+def test_later_epochs_replay_the_first_in_the_same_order(groups, tmp_path):
+    import itertools
+
+    import ray.data
+
+    from gdro_ray.train.worker import _batches
+
+    shard = ray.data.from_arrow(read_shards(groups))
+    config = train_config(groups, tmp_path, k=3)
+    epochs = 3 * (len(read_shards(groups)) // config.groups_per_step)
+    replayed, streamed = (list(itertools.islice(_batches(shard, config, torch.Generator().manual_seed(0), limit), epochs))
+                          for limit in (2**30, 0))  # from memory, and from the stream each epoch
+    for kept, read in zip(replayed, streamed, strict=True):
+        torch.testing.assert_close(kept.rewards, read.rewards)
+        torch.testing.assert_close(kept.latents, read.latents)
+    assert not torch.equal(replayed[0].rewards, replayed[1].rewards)  # the epochs hold more than one batch
+
+
 def test_loss_falls_when_overfitting_a_small_dataset(groups, tmp_path):
     # Two whole groups of 6, every step: only the noise level t and the noise change between steps.
     fixed = tmp_path / "fixed"

@@ -19,7 +19,7 @@ clipped to [1, 5]. Allowances absorb what a clean render has (anti-aliased text 
 ground-truth renders rate 5. Weights are set so that one clear defect (noise of std 16, a blur of sigma 1,
 four stray dots, text written twice) costs one to three points (see PENALTIES), and so that the shipped
 tiny model's held-out samples, ordinary generations with soft shapes and slightly mixed colours, rate
-above 3: about 3.3 (shapes) and 4.4 (glyphs), where the paper's judge puts FLUX.1's own samples (3.43 on
+above 3: about 3.15 (shapes) and 4.6 (glyphs), where the paper's judge puts FLUX.1's own samples (3.43 on
 both tasks, from its baseline's reward and corrected score). The corrected score r * (u_hat - 3) + 0.2
 needs that: at a rating of 3 it ignores the reward, below 3 it counts a higher reward against a model.
 

@@ -178,11 +178,28 @@ def _ema_weights(ema, trainable):
         ema.restore(trainable)
 
 
-def _batches(shard, config: TrainConfig, generator: torch.Generator):
-    """Endless micro-batches of this worker's groups, epoch after epoch."""
+# A worker whose shard fits in this much memory replays it after the first epoch instead of streaming it
+# again: restarting a Ray Data stream costs seconds, several training steps of a small model.
+REPLAY_LIMIT_BYTES = 2 * 2**30
+
+
+def _batches(shard, config: TrainConfig, generator: torch.Generator, replay_limit_bytes: int = REPLAY_LIMIT_BYTES):
+    """Endless micro-batches of this worker's groups, epoch after epoch, in the first epoch's order."""
+
+    def epoch():
+        tables = shard.iter_batches(batch_size=config.groups_per_step, batch_format="pyarrow", drop_last=True)
+        return (table.select(TRAINING_COLUMNS) for table in tables)
+
+    kept, kept_bytes = [], 0
+    for table in epoch():
+        kept_bytes += table.nbytes
+        if kept_bytes <= replay_limit_bytes:
+            kept.append(table)
+        yield group_batch(table.to_pylist(), config.k, generator)
+    replay = kept_bytes <= replay_limit_bytes
     while True:
-        for table in shard.iter_batches(batch_size=config.groups_per_step, batch_format="pyarrow", drop_last=True):
-            yield group_batch(table.select(TRAINING_COLUMNS).to_pylist(), config.k, generator)
+        for table in kept if replay else epoch():
+            yield group_batch(table.to_pylist(), config.k, generator)
 
 
 def _sampler(config: TrainConfig, model, batch) -> TimestepSampler:
