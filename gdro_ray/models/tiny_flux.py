@@ -56,7 +56,8 @@ def build_clip_tokenizer(max_length: int = 77) -> CLIPTokenizer:
 
 
 # Whole-word pieces for the prompt templates of the tiny world, so a prompt fits T5's short context in
-# a few tokens; any other text still tokenises, character by character.
+# a few tokens; any other text still tokenises, character by character (so do the glyph surfaces
+# "board", "banner", ...: the longest glyph prompt takes 19 of the 32 tokens).
 TEMPLATE_WORDS = (
     "a an and the of photo sign that says text in bold letters poster with word label reading "
     "square squares circle circles triangle triangles red green blue yellow two three four "
