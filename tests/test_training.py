@@ -89,9 +89,11 @@ def test_later_epochs_replay_the_first_in_the_same_order(groups, tmp_path):
 
     shard = ray.data.from_arrow(read_shards(groups))
     config = train_config(groups, tmp_path, k=3)
-    epochs = 3 * (len(read_shards(groups)) // config.groups_per_step)
-    replayed, streamed = (list(itertools.islice(_batches(shard, config, torch.Generator().manual_seed(0), limit), epochs))
-                          for limit in (2**30, 0))  # from memory, and from the stream each epoch
+    three_epochs = 3 * (len(read_shards(groups)) // config.groups_per_step)  # micro-batches
+    replayed, streamed = (  # from memory, and from the stream each epoch
+        list(itertools.islice(_batches(shard, config, torch.Generator().manual_seed(0), limit), three_epochs))
+        for limit in (2**30, 0)
+    )
     for kept, read in zip(replayed, streamed, strict=True):
         torch.testing.assert_close(kept.rewards, read.rewards)
         torch.testing.assert_close(kept.latents, read.latents)
