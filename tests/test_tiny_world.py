@@ -454,7 +454,6 @@ def test_the_shipped_tiny_model_is_small_loads_and_records_its_recipe():
 @pytest.mark.parametrize("task, num_prompts", [("geneval", 17), ("ocr", 12)])
 def test_the_judge_rates_the_shipped_models_held_out_samples_above_3(judge, task, num_prompts):
     # Below 3 the corrected score r * (u_hat - 3) + 0.2 would count a higher reward against a model.
-    from gdro_ray.data.prompts import load_prompts
     from gdro_ray.evaluate import HELDOUT_SEEDS_START, generate_images
     from gdro_ray.models import load_flow_model
     from gdro_ray.tasks import prompt_set
