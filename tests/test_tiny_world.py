@@ -1,5 +1,6 @@
 import dataclasses
 import itertools
+import math
 import random
 
 import cv2
@@ -466,6 +467,20 @@ def test_the_judge_rates_the_shipped_models_held_out_samples_above_3(judge, task
     assert 3.1 < np.mean(ratings) < 4.9  # above 3, and below the 5 of a clean render
 
 
+def test_the_shipped_model_draws_glyphs_from_their_prompt_and_a_blank_model_from_nothing():
+    from gdro_ray.models import load_flow_model
+    from gdro_ray.models.tiny_flux import build_tiny_flux_pipeline
+    from gdro_ray.tiny_world.pretrain import TINY_WORLD_MODEL, PretrainConfig, prompt_reliance, prompt_reliance_probes
+
+    probes = prompt_reliance_probes(PretrainConfig(), size=32)
+    assert [prompt for prompt in probes["glyphs"][0] if not prompt] == []  # true captions only
+    shipped = load_flow_model("tiny", device="cpu").pipeline
+    assert prompt_reliance(shipped, *probes["glyphs"]) > 0.3  # another caption's letters: a far worse fit
+    blank = build_tiny_flux_pipeline(TINY_WORLD_MODEL)
+    blank.vae = shipped.vae
+    assert abs(prompt_reliance(blank, *probes["glyphs"])) < 0.02
+
+
 # --- pretraining -----------------------------------------------------------------------------------
 
 
@@ -482,6 +497,9 @@ def test_pretraining_resumes_and_exports_the_moving_average_of_the_weights(tmp_p
     recipe = pretrain(tmp_path / "work", tmp_path / "model", PretrainConfig(**{**short, "steps": 6}), log=messages.append)
     assert "resumed: stage transformer, step 4" in " ".join(messages)
     assert recipe["config"]["steps"] == 6 and tuple(recipe["config"]["glyph_lengths"]) == (1, 1, 2, 2, 3)
+    assert "transformer step 6: prompt reliance glyphs" in " ".join(messages)
+    assert set(recipe["prompt_reliance"]) == {"glyphs", "shapes"}
+    assert all(math.isfinite(value) and value < 1 for value in recipe["prompt_reliance"].values())
 
     last = torch.load(tmp_path / "work" / "checkpoint.pt", weights_only=False)
     assert last["step"] == 6

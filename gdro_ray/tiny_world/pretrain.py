@@ -138,10 +138,65 @@ def pretrain(work_dir: Path, out_dir: Path, config: PretrainConfig, device: str 
     pipeline.to("cpu").save_pretrained(out_dir, safe_serialization=True)
     recipe = {"config": dataclasses.asdict(config), "model": dataclasses.asdict(TINY_WORLD_MODEL),
               "seconds": round(elapsed()), "final_loss": transformer_losses[-1] if transformer_losses else None,
+              "prompt_reliance": {task: round(prompt_reliance(pipeline, *probe), 4)
+                                  for task, probe in prompt_reliance_probes(config).items()},
               "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads",
               "torch": torch.__version__}
     (out_dir / "recipe.json").write_text(json.dumps(recipe, indent=2))
     return recipe
+
+
+def encode_renders(pipeline: FluxPipeline, images: torch.Tensor) -> torch.Tensor:
+    """Renders in [0, 1] (B, 3, H, W) -> FLUX's packed, shifted and scaled latents (B, tokens, channels)."""
+    vae = pipeline.vae
+    with torch.no_grad():
+        z = vae.encode(images.to(vae.device) * 2 - 1).latent_dist.mode()
+    z = (z - vae.config.shift_factor) * vae.config.scaling_factor
+    return FluxPipeline._pack_latents(z, *z.shape)
+
+
+def flow_loss(pipeline: FluxPipeline, prompts: list[str], x0: torch.Tensor, t: torch.Tensor,
+              eps: torch.Tensor) -> torch.Tensor:
+    """The rectified-flow loss of the transformer on packed latents x0 with their captions."""
+    device = pipeline.transformer.device
+    sequence, pooled, text_ids = pipeline.encode_prompt(prompts, None, device=device,
+                                                        max_sequence_length=pipeline.tokenizer_2.model_max_length)
+    side = int(x0.shape[1] ** 0.5)
+    image_ids = FluxPipeline._prepare_latent_image_ids(1, side, side, device, x0.dtype)
+    prediction = pipeline.transformer(hidden_states=noisy_latents(x0, eps, t), timestep=t, pooled_projections=pooled,
+                                      encoder_hidden_states=sequence, txt_ids=text_ids, img_ids=image_ids,
+                                      return_dict=False)[0]
+    return F.mse_loss(prediction, velocity_target(x0, eps))
+
+
+def prompt_reliance_probes(config: PretrainConfig, size: int = 128) -> dict[str, tuple[list[str], torch.Tensor]]:
+    """Fixed renders of each task with true captions (no caption noise, no empty captions)."""
+    clean = dict(wrong_count_rate=0.0, wrong_color_rate=0.0, wrong_text_rate=0.0, prompt_dropout=0.0)
+    return {task: RenderedPrompts(dataclasses.replace(config, glyph_fraction=fraction, **clean))
+            .batch(size, random.Random(f"reliance-{task}"))
+            for task, fraction in (("glyphs", 1.0), ("shapes", 0.0))}
+
+
+def prompt_reliance(pipeline: FluxPipeline, prompts: list[str], images: torch.Tensor) -> float:
+    """How much the model draws from its prompt: the rise of the flow loss when each render is given the next
+    render's caption, relative to that loss. Near 0 the model paints these renders from the noise alone and no
+    reward on them can teach it to follow a prompt; the shipped model reads glyph captions far more than shapes."""
+    generator = torch.Generator().manual_seed(0)  # the same noise levels and noise for both captions
+    x0 = encode_renders(pipeline, images)
+    t = (0.1 + 0.8 * torch.rand(len(prompts), generator=generator)).to(x0.device)
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+    modules = (pipeline.transformer, pipeline.text_encoder, pipeline.text_encoder_2)
+    modes = [module.training for module in modules]
+    for module in modules:
+        module.eval()  # T5's dropout would make the two losses differ by chance
+    try:
+        with torch.no_grad():
+            true = flow_loss(pipeline, prompts, x0, t, eps).item()
+            shuffled = flow_loss(pipeline, prompts[1:] + prompts[:1], x0, t, eps).item()
+    finally:
+        for module, mode in zip(modules, modes):
+            module.train(mode)
+    return (shuffled - true) / shuffled
 
 
 def _train_vae(pipeline, data, rng, config, work_dir, state, elapsed, log) -> None:
@@ -199,24 +254,13 @@ def _train_transformer(pipeline, data, rng, config, work_dir, state, elapsed, lo
         step = state["step"]
         if ema is not None:
             ema.load_state_dict(state["ema"])
-    device = transformer.device
-    tokens = (pipeline.vae.config.sample_size // (pipeline.vae_scale_factor * 2)) ** 2
+    probes = prompt_reliance_probes(config)
     losses = []
     while step < config.steps and elapsed() < config.time_limit_minutes * 60:
         prompts, images = data.batch(config.batch_size, rng)
-        with torch.no_grad():
-            z = vae.encode(images.to(device) * 2 - 1).latent_dist.mode()
-            z = (z - vae.config.shift_factor) * vae.config.scaling_factor
-            x0 = FluxPipeline._pack_latents(z, *z.shape)
-        sequence, pooled, text_ids = pipeline.encode_prompt(prompts, None, device=device,
-                                                            max_sequence_length=pipeline.tokenizer_2.model_max_length)
-        t = compute_density_for_timestep_sampling("logit_normal", config.batch_size, logit_mean=0.0, logit_std=1.0).to(device)
-        eps = torch.randn_like(x0)
-        image_ids = FluxPipeline._prepare_latent_image_ids(1, int(tokens**0.5), int(tokens**0.5), device, x0.dtype)
-        prediction = transformer(hidden_states=noisy_latents(x0, eps, t), timestep=t, pooled_projections=pooled,
-                                 encoder_hidden_states=sequence, txt_ids=text_ids, img_ids=image_ids,
-                                 return_dict=False)[0]
-        loss = F.mse_loss(prediction, velocity_target(x0, eps))
+        x0 = encode_renders(pipeline, images)
+        t = compute_density_for_timestep_sampling("logit_normal", config.batch_size, logit_mean=0.0, logit_std=1.0)
+        loss = flow_loss(pipeline, prompts, x0, t.to(x0.device), torch.randn_like(x0))
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -231,6 +275,8 @@ def _train_transformer(pipeline, data, rng, config, work_dir, state, elapsed, lo
                 f"lr {scheduler.get_last_lr()[0]:.2e} ({elapsed():.0f} s)")
         if step % config.checkpoint_every == 0:
             _save_checkpoint(work_dir, pipeline, "transformer", step, optimizer, rng, elapsed(), scheduler, ema)
+            reliance = {task: prompt_reliance(pipeline, *probe) for task, probe in probes.items()}
+            log(f"transformer step {step}: prompt reliance " + ", ".join(f"{k} {v:.3f}" for k, v in reliance.items()))
     if ema is not None:
         ema.copy_to(parameters)
     for module in trained:
