@@ -133,13 +133,14 @@ def pretrain(work_dir: Path, out_dir: Path, config: PretrainConfig, device: str 
     if stage == "vae":
         _train_vae(pipeline, data, rng, config, work_dir, state, elapsed, log)
         state = None
-    transformer_losses = _train_transformer(pipeline, data, rng, config, work_dir, state, elapsed, log)
+    probes = prompt_reliance_probes(config)
+    transformer_losses = _train_transformer(pipeline, data, rng, config, work_dir, state, elapsed, log, probes)
 
     pipeline.to("cpu").save_pretrained(out_dir, safe_serialization=True)
     recipe = {"config": dataclasses.asdict(config), "model": dataclasses.asdict(TINY_WORLD_MODEL),
               "seconds": round(elapsed()), "final_loss": transformer_losses[-1] if transformer_losses else None,
               "prompt_reliance": {task: round(prompt_reliance(pipeline, *probe), 4)
-                                  for task, probe in prompt_reliance_probes(config).items()},
+                                  for task, probe in probes.items()},
               "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads",
               "torch": torch.__version__}
     (out_dir / "recipe.json").write_text(json.dumps(recipe, indent=2))
@@ -231,7 +232,7 @@ def _train_vae(pipeline, data, rng, config, work_dir, state, elapsed, log) -> No
     _save_checkpoint(work_dir, pipeline, "transformer", 0, None, rng, elapsed())
 
 
-def _train_transformer(pipeline, data, rng, config, work_dir, state, elapsed, log) -> list[float]:
+def _train_transformer(pipeline, data, rng, config, work_dir, state, elapsed, log, probes) -> list[float]:
     vae, transformer = pipeline.vae, pipeline.transformer
     vae.requires_grad_(False)
     vae.eval()
@@ -254,7 +255,6 @@ def _train_transformer(pipeline, data, rng, config, work_dir, state, elapsed, lo
         step = state["step"]
         if ema is not None:
             ema.load_state_dict(state["ema"])
-    probes = prompt_reliance_probes(config)
     losses = []
     while step < config.steps and elapsed() < config.time_limit_minutes * 60:
         prompts, images = data.batch(config.batch_size, rng)
