@@ -150,7 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for item in dataclasses.fields(TrainConfig):
         flag = "--" + item.name.replace("_", "-")
         base = _base_type(hints[item.name])
-        kind = _parse_bool if base is bool else base
+        kind = parse_bool if base is bool else base
         parser.add_argument(flag, dest=item.name, type=kind, default=None,
                             help=f"{item.metadata.get('help', '')} (default: {item.default})")
 
@@ -182,7 +182,7 @@ def _checked(name: str, value, hint):
     return value
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
         return True

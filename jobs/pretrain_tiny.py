@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from gdro_ray.config import parse_bool
 from gdro_ray.tiny_world import PRETRAINED_DIR
 from gdro_ray.tiny_world.pretrain import PretrainConfig, pretrain
 
@@ -24,7 +25,8 @@ def main():
         if isinstance(field.default, tuple):
             parser.add_argument(flag, type=int, nargs="+", default=field.default)
         else:
-            parser.add_argument(flag, type=type(field.default), default=field.default)
+            kind = parse_bool if isinstance(field.default, bool) else type(field.default)
+            parser.add_argument(flag, type=kind, default=field.default)
     parser.add_argument("--work-dir", type=Path, default=Path("runs/pretrain-tiny"), help="checkpoints, for resume")
     parser.add_argument("--out", type=Path, default=PRETRAINED_DIR)
     parser.add_argument("--threads", type=int, default=2)

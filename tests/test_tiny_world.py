@@ -511,6 +511,22 @@ def test_pretraining_resumes_and_exports_the_moving_average_of_the_weights(tmp_p
     assert any(not torch.equal(exported[name], last["modules"]["transformer"][name]) for name in names)
 
 
+def test_pretraining_draws_shapes_scenes_by_prompt_or_each_tag_equally():
+    from collections import Counter
+
+    from gdro_ray.tiny_world.pretrain import PretrainConfig, RenderedPrompts
+
+    def tag_shares(shapes_by_tag: bool) -> dict[str, float]:
+        data = RenderedPrompts(PretrainConfig(glyph_fraction=0.0, prompt_dropout=0.0, shapes_by_tag=shapes_by_tag))
+        tag_of = {record.prompt: record.metadata["tag"] for record in data.shapes}
+        prompts, _ = data.batch(600, random.Random(0))
+        return {tag: count / len(prompts) for tag, count in Counter(tag_of[prompt] for prompt in prompts).items()}
+
+    by_prompt, by_tag = tag_shares(False), tag_shares(True)
+    assert by_prompt["color_attr"] > 0.4 and by_prompt["single_object"] < 0.08  # the world's prompts per tag
+    assert len(by_tag) == 6 and all(abs(share - 1 / 6) < 0.06 for share in by_tag.values())
+
+
 @pytest.mark.parametrize("field, value, message", [("glyph_lengths", (), "glyph_lengths"),
                                                    ("glyph_lengths", (1, 4), "1 to 3 letters"),
                                                    ("ema_decay", 1.0, "ema_decay must be in [0, 1)")])
