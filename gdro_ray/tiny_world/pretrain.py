@@ -96,7 +96,8 @@ class RenderedPrompts:
         self.config = config
         keep = lambda record: not is_heldout(record.prompt_id, config.seed, config.heldout_fraction)  # noqa: E731
         self.shapes = [record for record in shapes_stream(config.seed) if keep(record)]
-        self.tags = sorted({record.metadata["tag"] for record in self.shapes})
+        self.shapes_per_tag = [[r for r in self.shapes if r.metadata["tag"] == tag]
+                               for tag in sorted({r.metadata["tag"] for r in self.shapes})]
         self.keep = keep
 
     def batch(self, size: int, rng: random.Random) -> tuple[list[str], torch.Tensor]:
@@ -109,8 +110,7 @@ class RenderedPrompts:
                 image = render_glyphs(noisy_text(record.metadata["text"], rng, self.config), rng)
             else:
                 if self.config.shapes_by_tag:
-                    tag = rng.choice(self.tags)
-                    record = rng.choice([r for r in self.shapes if r.metadata["tag"] == tag])
+                    record = rng.choice(rng.choice(self.shapes_per_tag))
                 else:
                     record = rng.choice(self.shapes)
                 image = render_shapes(noisy_shapes_metadata(record.metadata, rng, self.config), rng)
