@@ -109,10 +109,8 @@ class RenderedPrompts:
                 record = next(r for r in iter(draw, None) if self.keep(r))
                 image = render_glyphs(noisy_text(record.metadata["text"], rng, self.config), rng)
             else:
-                if self.config.shapes_by_tag:
-                    record = rng.choice(rng.choice(self.shapes_per_tag))
-                else:
-                    record = rng.choice(self.shapes)
+                pool = rng.choice(self.shapes_per_tag) if self.config.shapes_by_tag else self.shapes
+                record = rng.choice(pool)
                 image = render_shapes(noisy_shapes_metadata(record.metadata, rng, self.config), rng)
             prompts.append("" if rng.random() < self.config.prompt_dropout else record.prompt)
             images.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1))
