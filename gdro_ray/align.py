@@ -10,13 +10,14 @@
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from gdro_ray.config import TrainConfig, add_arguments, config_from_arguments
 from gdro_ray.data.generation import GenerationConfig, generate_groups, parse_pool, pending_prompts
 from gdro_ray.data.prompts import load_prompts
-from gdro_ray.evaluate import HELDOUT_SEEDS_START, default_judge, evaluate_lora
+from gdro_ray.evaluate import default_judge, evaluate_lora, heldout_seeds
 from gdro_ray.models import TINY, load_flow_model
 from gdro_ray.plots import plot_evaluation_curve, plot_training_curves, read_scalars
 from gdro_ray.tasks import prompt_set
@@ -37,8 +38,11 @@ class AlignSettings:
     size: int | None = None  # image size (None: 32 on the tiny model, 512 otherwise)
     cfg_scale: float = 1.0  # classifier-free guidance when sampling (dataset and evaluation)
     eval_prompts: int = 24  # held-out prompts of the final evaluation
-    eval_images_per_prompt: int = 8
+    # The final evaluation's images, spread evenly over its prompts: the standard error of the paired change
+    # shrinks with their number (the tiny shapes world holds only 17 held-out prompts).
+    eval_images: int = 384
     train_eval_prompts: int = 8  # held-out prompts evaluated during training (a subset: it runs often)
+    train_eval_images_per_prompt: int = 8
     judge_url: str | None = None
     judge_token_env: str | None = None
     judge_model: str | None = None
@@ -48,7 +52,8 @@ class AlignSettings:
     gpus_per_generator: float | None = None
 
     def __post_init__(self):
-        for name in ("num_prompts", "k_gen", "eval_prompts", "eval_images_per_prompt", "train_eval_prompts"):
+        for name in ("num_prompts", "k_gen", "eval_prompts", "eval_images", "train_eval_prompts",
+                     "train_eval_images_per_prompt"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.k_gen < 2:
@@ -80,7 +85,7 @@ def run_align(train: TrainConfig, settings: AlignSettings, log=print) -> dict:
     judge = default_judge(train.model, **settings.judge())
     sampler = generation_config(train, settings, run).sampler()
     summary = evaluate_lora(train.task, train.model, lora, run / "eval", judge, num_prompts=settings.eval_prompts,
-                            images_per_prompt=settings.eval_images_per_prompt, seed=train.seed,
+                            images_per_prompt=final_images_per_prompt(train, settings), seed=train.seed,
                             size=sampler["height"], num_steps=sampler["num_steps"], cfg_scale=settings.cfg_scale)
     pictures = [str(path) for path in (run / "eval" / "comparison.png", run / "training_curves.png",
                                        run / "eval_curve.png") if path.is_file()]
@@ -104,6 +109,13 @@ def prepare_data(train: TrainConfig, settings: AlignSettings, run: Path, log=pri
     return dataclasses.replace(train, data=generation.out, eval_set=str(run / "eval_set") if train.eval_every else "")
 
 
+def final_images_per_prompt(train: TrainConfig, settings: AlignSettings) -> int:
+    """Images per held-out prompt for settings.eval_images in all, over the prompts the set holds."""
+    prompts = load_prompts(prompt_set(train.task, train.model), num_prompts=settings.eval_prompts, seed=train.seed,
+                           split="heldout")
+    return math.ceil(settings.eval_images / len(prompts))
+
+
 def generation_config(train: TrainConfig, settings: AlignSettings, run: Path) -> GenerationConfig:
     return GenerationConfig(
         task=train.task, model=train.model, revision=train.revision, seed=train.seed, k=settings.k_gen,
@@ -117,7 +129,7 @@ def _write_eval_set(train: TrainConfig, settings: AlignSettings, generation: Gen
     prompts = load_prompts(prompt_set(train.task, train.model), num_prompts=settings.train_eval_prompts,
                            seed=train.seed, split="heldout")
     model = load_flow_model(train.model, device="cpu", revision=train.revision)
-    seeds = list(range(HELDOUT_SEEDS_START, HELDOUT_SEEDS_START + settings.eval_images_per_prompt))
+    seeds = heldout_seeds(len(prompts), settings.train_eval_images_per_prompt)
     eval_set = build_eval_set(model, train.task, train.model, prompts, seeds, generation.height, generation.width,
                               generation.num_steps, settings.cfg_scale, settings.judge())
     save_eval_set(eval_set, out)
@@ -140,9 +152,11 @@ def add_align_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--size", type=int, default=None, help="image size (default: 32 tiny, 512 otherwise)")
     group.add_argument("--cfg-scale", type=float, default=defaults.cfg_scale, help="classifier-free guidance (1: off)")
     group.add_argument("--eval-prompts", type=int, default=defaults.eval_prompts, help="held-out prompts at the end")
-    group.add_argument("--eval-images-per-prompt", type=int, default=defaults.eval_images_per_prompt)
+    group.add_argument("--eval-images", type=int, default=defaults.eval_images,
+                       help="images of the final evaluation, spread evenly over its held-out prompts")
     group.add_argument("--train-eval-prompts", type=int, default=defaults.train_eval_prompts,
                        help="held-out prompts evaluated every --eval-every steps during training")
+    group.add_argument("--train-eval-images-per-prompt", type=int, default=defaults.train_eval_images_per_prompt)
     group.add_argument("--judge-url", default=None, help="a quality judge server (gdro_ray/rewards/http_judge.py)")
     group.add_argument("--judge-token-env", default=None, help="environment variable holding the judge's token")
     group.add_argument("--judge-model", default=None, help="a vision-language judge: hub id or local directory")

@@ -6,7 +6,7 @@ import pytest
 
 SMALL = ["--num-prompts", "8", "--k-gen", "4", "--sample-steps", "4", "--steps", "4", "--k", "3",
          "--num-workers", "1", "--groups-per-step", "2", "--checkpoint-every", "2", "--eval-every", "2",
-         "--train-eval-prompts", "2", "--eval-prompts", "2", "--eval-images-per-prompt", "2"]
+         "--train-eval-prompts", "2", "--eval-prompts", "2", "--eval-images", "4"]
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from gdro_ray.evaluate import (
     default_judge,
     format_table,
     generate_images,
+    heldout_seeds,
     paired_change,
     score_images,
     summarise,
@@ -55,12 +56,20 @@ def test_paired_change_is_worked_out_by_hand():
         paired_change(base[:1], aligned[:1])
 
 
+def test_every_held_out_image_has_its_own_seed_and_a_prompt_keeps_its_seeds():
+    seeds = heldout_seeds(3, 4)
+    assert [len(row) for row in seeds] == [4, 4, 4] and len({s for row in seeds for s in row}) == 12
+    assert heldout_seeds(5, 4)[:3] == seeds  # asking for more prompts keeps the seeds of those taken
+
+
 def test_generated_images_are_scored_written_and_pictured(tiny_flux, tmp_path):
     prompts = load_prompts("tiny-geneval", num_prompts=2, seed=0, split="heldout")
-    seeds = [3, 4, 5]
+    seeds = [[3, 4, 5], [6, 7, 8]]
     images = generate_images(tiny_flux, prompts, seeds, 32, 32, num_steps=2)
     assert [len(row) for row in images] == [3, 3] and images[0][0].size == (32, 32)
-    assert generate_images(tiny_flux, prompts[:1], seeds, 32, 32, num_steps=2)[0][1].tobytes() == images[0][1].tobytes()
+    assert generate_images(tiny_flux, prompts[:1], seeds[:1], 32, 32, num_steps=2)[0][1].tobytes() == images[0][1].tobytes()
+    with pytest.raises(ValueError, match="one row per prompt: 2 prompts, 1 rows"):
+        generate_images(tiny_flux, prompts, seeds[:1], 32, 32, num_steps=2)
 
     scores = score_images(BrightnessReward(), TinyWorldJudge(), prompts, seeds, images, task="geneval")
     assert len(scores) == 6 and {s.tag for s in scores} <= {p.metadata["tag"] for p in prompts}

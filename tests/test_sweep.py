@@ -19,7 +19,7 @@ def test_a_tiny_sweep_stops_a_trial_early_writes_a_preset_align_accepts_and_resu
     argv = [
         "--task", "ocr", "--out", str(run), "--num-prompts", "8", "--k-gen", "4", "--steps", "4", "--k", "3",
         "--num-workers", "1", "--groups-per-step", "2", "--warmup-steps", "0", "--checkpoint-every", "2",
-        "--eval-every", "2", "--train-eval-prompts", "4", "--eval-images-per-prompt", "2", "--lr", "1e-4",
+        "--eval-every", "2", "--train-eval-prompts", "4", "--train-eval-images-per-prompt", "2", "--lr", "1e-4",
         "--num-samples", "2", "--grace-period", "2", "--reduction-factor", "2", "--lr-range", "1.0,2.0",
         "--k-choices", "2,3",
     ]

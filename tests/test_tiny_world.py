@@ -455,13 +455,12 @@ def test_the_shipped_tiny_model_is_small_loads_and_records_its_recipe():
 @pytest.mark.parametrize("task, num_prompts", [("geneval", 17), ("ocr", 12)])
 def test_the_judge_rates_the_shipped_models_held_out_samples_above_3(judge, task, num_prompts):
     # Below 3 the corrected score r * (u_hat - 3) + 0.2 would count a higher reward against a model.
-    from gdro_ray.evaluate import HELDOUT_SEEDS_START, generate_images
+    from gdro_ray.evaluate import generate_images, heldout_seeds
     from gdro_ray.models import load_flow_model
     from gdro_ray.tasks import prompt_set
 
     prompts = load_prompts(prompt_set(task, "tiny"), num_prompts=num_prompts, seed=0, split="heldout")
-    seeds = list(range(HELDOUT_SEEDS_START, HELDOUT_SEEDS_START + 8))
-    images = generate_images(load_flow_model("tiny", device="cpu"), prompts, seeds, 32, 32, 20)
+    images = generate_images(load_flow_model("tiny", device="cpu"), prompts, heldout_seeds(len(prompts), 8), 32, 32, 20)
     ratings = [rating for prompt, row in zip(prompts, images)
                for rating in judge.rate(row, [{**prompt.metadata, "prompt": prompt.prompt}] * len(row))]
     assert 3.1 < np.mean(ratings) < 4.9  # above 3, and below the 5 of a clean render

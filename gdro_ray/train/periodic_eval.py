@@ -26,7 +26,7 @@ class EvalSet:
     model: str
     prompts: list[PromptRecord]
     embeddings: PromptEmbeddings
-    seeds: list[int]
+    seeds: list[list[int]]  # one row per prompt
     height: int
     width: int
     num_steps: int
@@ -35,7 +35,7 @@ class EvalSet:
     judge: dict = field(default_factory=dict)  # keyword arguments of evaluate.default_judge
 
 
-def build_eval_set(model: FlowModel, task: str, model_name: str, prompts: list[PromptRecord], seeds: list[int],
+def build_eval_set(model: FlowModel, task: str, model_name: str, prompts: list[PromptRecord], seeds: list[list[int]],
                    height: int, width: int, num_steps: int, cfg_scale: float = 1.0, judge: dict | None = None) -> EvalSet:
     embeddings = model.encode_prompts([p.prompt for p in prompts]).to("cpu")
     unconditional = model.encode_prompts([""]).to("cpu") if cfg_scale > 1 else None
