@@ -37,12 +37,13 @@ class AlignSettings:
     sample_steps: int | None = None  # sampler steps (None: models.default_sampler_steps)
     size: int | None = None  # image size (None: 32 on the tiny model, 512 otherwise)
     cfg_scale: float = 1.0  # classifier-free guidance when sampling (dataset and evaluation)
-    eval_prompts: int = 24  # held-out prompts of the final evaluation
-    # The final evaluation's images, spread evenly over its prompts: the standard error of the paired change
-    # shrinks with their number (the tiny shapes world holds only 17 held-out prompts).
-    eval_images: int = 384
+    # The final evaluation: its held-out prompts (as many as the set holds, up to this), and its images spread
+    # evenly over them. Many prompts before many seeds: a LoRA's gain can differ between kinds of prompt (on
+    # glyphs it is mostly on single letters), and the standard error of the paired change shrinks with images.
+    eval_prompts: int = 96
+    eval_images: int = 288
     train_eval_prompts: int = 8  # held-out prompts evaluated during training (a subset: it runs often)
-    train_eval_images_per_prompt: int = 8
+    train_eval_images_per_prompt: int = 4
     judge_url: str | None = None
     judge_token_env: str | None = None
     judge_model: str | None = None

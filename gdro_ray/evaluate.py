@@ -20,7 +20,7 @@ from gdro_ray.rewards.quality import QualityJudge, corrected_score
 
 
 HELDOUT_SEEDS_START = 10_000  # sampling seeds of held-out evaluations, far from the datasets' derived seeds
-GRID_IMAGES_PER_PROMPT = 8  # comparison.png shows each prompt's first images, base beside aligned
+GRID_PROMPTS, GRID_IMAGES_PER_PROMPT = 16, 8  # comparison.png: the first prompts' first images, base beside aligned
 
 
 def heldout_seeds(num_prompts: int, images_per_prompt: int) -> list[list[int]]:
@@ -201,9 +201,8 @@ def evaluate_lora(task: str, model_name: str, lora: str | Path, out: str | Path,
         write_results(out, name, scores[name], summary[name])
     summary["change"] = paired_change(scores["base"], scores["aligned"])
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    columns = slice(0, GRID_IMAGES_PER_PROMPT)
-    comparison_grid([row[columns] for row in images["base"]], [row[columns] for row in images["aligned"]]).save(
-        out / "comparison.png")
+    shown = {name: [row[:GRID_IMAGES_PER_PROMPT] for row in rows[:GRID_PROMPTS]] for name, rows in images.items()}
+    comparison_grid(shown["base"], shown["aligned"]).save(out / "comparison.png")
     return summary
 
 
