@@ -61,6 +61,9 @@ def load_eval_set(directory: str | Path) -> EvalSet:
     if not (directory / SETTINGS_FILE).is_file() or not (directory / EMBEDDINGS_FILE).is_file():
         raise FileNotFoundError(f"{str(directory)!r} holds no evaluation set ({SETTINGS_FILE} and {EMBEDDINGS_FILE})")
     settings = json.loads((directory / SETTINGS_FILE).read_text())
+    if not all(isinstance(row, list) for row in settings["seeds"]):
+        raise ValueError(f"{str(directory)!r} was written by an earlier gdro-ray, with seeds shared by all prompts; "
+                         "delete it and rerun to build it again with a seed per image")
     tensors = load_file(directory / EMBEDDINGS_FILE)
     settings["prompts"] = [PromptRecord(**record) for record in settings["prompts"]]
     embeddings = PromptEmbeddings(tensors["sequence"], tensors["pooled"], tensors["text_ids"])
