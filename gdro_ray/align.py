@@ -41,7 +41,7 @@ class AlignSettings:
     # evenly over them. Many prompts before many seeds: a LoRA's gain can differ between kinds of prompt (on
     # glyphs it is mostly on single letters), and the standard error of the paired change shrinks with images.
     eval_prompts: int = 96
-    eval_images: int = 288
+    eval_images: int = 384
     train_eval_prompts: int = 8  # held-out prompts evaluated during training (a subset: it runs often)
     train_eval_images_per_prompt: int = 4
     judge_url: str | None = None
