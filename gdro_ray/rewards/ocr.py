@@ -91,9 +91,9 @@ class RapidOCREngine(OCREngine):
     def __init__(self):
         from rapidocr_onnxruntime import RapidOCR
 
-        # Text detection at the image's own size, as PaddleOCR's defaults do for Flow-GRPO (only images over
-        # 960 px are shrunk); RapidOCR's own default enlarges every image's shorter side to 736 px, which
-        # made reading a 256 px image five times slower and changed about 3% of the tiny world's rewards.
+        # Text detection at the image's own size, as PaddleOCR's defaults do for Flow-GRPO's 512 px images
+        # (RapidOCR then shrinks only images over 2000 px); its own default enlarges every image's shorter
+        # side to 736 px, which made reading a 256 px image 4-5x slower (benchmarks/ocr_reading.py).
         self._ocr = RapidOCR(det_limit_type="max")
 
     def read(self, image: Image.Image) -> str:
