@@ -37,7 +37,8 @@ def test_small_run_writes_groups_that_load_back_as_tensors(ray_cluster, tmp_path
     config = small_config(tmp_path / "groups")
     manifest = generate_groups(config, progress=False)
     assert manifest["complete"] and manifest["counts"]["groups"] == 3
-    assert manifest["identity"]["reward"] == {"name": "ocr", "engine": "rapidocr", "min_side": 256}
+    assert manifest["identity"]["reward"] == {"name": "ocr", "engine": "rapidocr", "min_side": 256,
+                                              "detection": "image"}
     assert set(manifest["counts"]["seconds_per_group"]) == {"generation", "scoring", "writing"}
 
     rows = read_shards(config.out).to_pylist()
@@ -162,7 +163,8 @@ def test_each_task_has_a_full_reward_spec_and_unknown_ones_are_named():
     assert reward_for_task("ocr", "tiny") == reward_for_task("ocr", flux)  # the same OCR reward
     assert (prompt_set("ocr", "tiny"), prompt_set("ocr", flux)) == ("tiny-ocr", "ocr")
     assert reward_for_task("custom", flux, "prompts.jsonl")["name"] == "geneval"
-    assert reward_for_task("custom", flux, "p.txt", {"engine": "easyocr"}) == {"name": "ocr", "engine": "easyocr", "min_side": 256}
+    easyocr = {"name": "ocr", "engine": "easyocr", "min_side": 256, "detection": "image"}
+    assert reward_for_task("custom", flux, "p.txt", {"engine": "easyocr"}) == easyocr
     with pytest.raises(ValueError, match="needs a prompt file"):
         reward_for_task("custom", flux)
     with pytest.raises(ValueError, match="no reward for 'aesthetics'"):

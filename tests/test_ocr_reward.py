@@ -136,7 +136,24 @@ def test_unreadable_image_gets_zero_with_an_error(ocr_reward):
 
 
 def test_spec_records_engine_and_settings():
-    assert OCRReward(min_side=128).spec() == {"name": "ocr", "engine": "rapidocr", "min_side": 128}
+    spec = OCRReward(min_side=128).spec()
+    assert spec == {"name": "ocr", "engine": "rapidocr", "min_side": 128, "detection": "image"}
+
+
+def test_rapidocrs_own_enlargement_reads_too_and_is_recorded():
+    # The reading this reward used before it detected text at the image's own size, kept to match old datasets.
+    reward = OCRReward(detection="enlarged-736")
+    (result,) = reward.score([rendered_text("SALE", (64, 64), 16)], [{"prompt": 'Big letters "SALE"'}])
+    assert result.reward >= 0.9, result.details
+    assert reward.spec()["detection"] == "enlarged-736"
+
+
+@pytest.mark.parametrize("options, message", [({"detection": "huge"}, "unknown OCR detection 'huge'"),
+                                              ({"engine": "easyocr", "detection": "enlarged-736"},
+                                               "setting of the rapidocr engine, not of 'easyocr'")])
+def test_a_bad_detection_setting_is_refused_by_name(options, message):
+    with pytest.raises(ValueError, match=message):
+        OCRReward(**options)
 
 
 def test_reward_loads_its_engine_once():

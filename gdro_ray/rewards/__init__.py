@@ -15,7 +15,7 @@ SHAPES_DETECTOR = "shapes"
 
 # The reward each prompt set is scored with, and its default options.
 DEFAULT_SPECS = {
-    "ocr": {"name": "ocr", "engine": "rapidocr", "min_side": 256},
+    "ocr": {"name": "ocr", "engine": "rapidocr", "min_side": 256, "detection": "image"},
     "geneval": {"name": "geneval", "mode": "partial", "detector": DEFAULT_DETECTOR_ID, "clip": DEFAULT_CLIP_ID},
     "brightness": {"name": "brightness"},
     "tiny-geneval": {"name": "geneval", "mode": "partial", "detector": SHAPES_DETECTOR, "clip": None},

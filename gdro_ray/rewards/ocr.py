@@ -85,16 +85,21 @@ class OCREngine(ABC):
         """All recognised text, pieces in reading order joined by spaces ("" when none)."""
 
 
+# How the text detector sizes an image. "image": at its own size, as PaddleOCR's defaults do for Flow-GRPO's
+# 512 px images and as easyocr does (RapidOCR then shrinks only images over 2000 px). "enlarged-736":
+# RapidOCR's own default, the shorter side enlarged to 736 px, which this reward used before it matched
+# PaddleOCR; 4-5x slower on 256 px images, about 5% of the tiny world's rewards differ
+# (benchmarks/ocr_reading.py).
+OCR_DETECTION = {"image": {"det_limit_type": "max"}, "enlarged-736": {}}
+
+
 class RapidOCREngine(OCREngine):
     """PP-OCRv4 detection and recognition through onnxruntime, with the models inside the wheel."""
 
-    def __init__(self):
+    def __init__(self, detection: str = "image"):
         from rapidocr_onnxruntime import RapidOCR
 
-        # Text detection at the image's own size, as PaddleOCR's defaults do for Flow-GRPO's 512 px images
-        # (RapidOCR then shrinks only images over 2000 px); its own default enlarges every image's shorter
-        # side to 736 px, which made reading a 256 px image 4-5x slower (benchmarks/ocr_reading.py).
-        self._ocr = RapidOCR(det_limit_type="max")
+        self._ocr = RapidOCR(**OCR_DETECTION[detection])
 
     def read(self, image: Image.Image) -> str:
         # No angle classifier, as Flow-GRPO (generated text is upright). Boxes below the engine's
@@ -141,19 +146,25 @@ class OCRReward(Reward):
     """Flow-GRPO's OCR reward for each image against the quoted text of its prompt.
 
     engine: a name in OCR_ENGINES. min_side: images whose shorter side is smaller are upscaled to it
-    before reading. The engine is built at the first batch and reused, so a reward object built only to
-    record its spec loads no model, and a Ray actor loads it once.
+    before reading. detection: a name in OCR_DETECTION (one other than "image" for rapidocr only). The
+    engine is built at the first batch and reused, so a reward object built only to record its spec loads
+    no model, and a Ray actor loads it once.
     """
 
     name = "ocr"
 
-    def __init__(self, engine: str = "rapidocr", min_side: int = 256):
+    def __init__(self, engine: str = "rapidocr", min_side: int = 256, detection: str = "image"):
         if engine not in OCR_ENGINES:
             raise ValueError(f"unknown OCR engine {engine!r}; known: {sorted(OCR_ENGINES)}")
         if min_side < 1:
             raise ValueError(f"min_side must be >= 1, got {min_side}")
+        if detection not in OCR_DETECTION:
+            raise ValueError(f"unknown OCR detection {detection!r}; known: {sorted(OCR_DETECTION)}")
+        if detection != "image" and engine != "rapidocr":
+            raise ValueError(f"OCR detection {detection!r} is a setting of the rapidocr engine, not of {engine!r}")
         self.engine_name = engine
         self.min_side = min_side
+        self.detection = detection
         self._engine: OCREngine | None = None
 
     def load(self) -> None:
@@ -162,7 +173,8 @@ class OCRReward(Reward):
     @property
     def engine(self) -> OCREngine:
         if self._engine is None:
-            self._engine = OCR_ENGINES[self.engine_name]()
+            engine = OCR_ENGINES[self.engine_name]
+            self._engine = engine(self.detection) if engine is RapidOCREngine else engine()
         return self._engine
 
     def score(self, images: list[Image.Image], metadata: list[dict]) -> list[RewardResult]:
@@ -179,4 +191,4 @@ class OCRReward(Reward):
         )
 
     def spec(self) -> dict:
-        return {"name": self.name, "engine": self.engine_name, "min_side": self.min_side}
+        return {"name": self.name, "engine": self.engine_name, "min_side": self.min_side, "detection": self.detection}
