@@ -27,7 +27,7 @@ def heldout_seeds(num_prompts: int, images_per_prompt: int) -> list[list[int]]:
     """The sampling seeds of a held-out evaluation, one row per prompt, and a seed no other image shares.
 
     A model that draws much from its noise draws alike images for every prompt given one seed; with seeds
-    shared between prompts a mean reward then rests on a few noise draws (the tiny shapes base scored 0.12
+    shared between prompts a mean reward then rests on a few noise draws (an earlier tiny shapes base scored 0.12
     to 0.26 on four sets of 8 shared seeds). Prompt i keeps its seeds whatever the number of prompts.
     """
     first = HELDOUT_SEEDS_START

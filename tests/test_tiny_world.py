@@ -480,6 +480,36 @@ def test_the_shipped_model_draws_glyphs_from_their_prompt_and_a_blank_model_from
     assert abs(prompt_reliance(blank, *probes["glyphs"])) < 0.02
 
 
+def test_the_shipped_text_encoder_keeps_apart_the_words_its_captions_turn_on():
+    # Trained at 3x the transformer's learning rate the encoders ran shape classes and counts together (0.91, 0.92),
+    # and no LoRA learnt to follow them; the recipe records what these weights measure.
+    import json
+
+    from gdro_ray.models import load_flow_model
+    from gdro_ray.tiny_world import PRETRAINED_DIR
+    from gdro_ray.tiny_world.pretrain import caption_word_similarity
+
+    similarity = caption_word_similarity(load_flow_model("tiny", device="cpu").pipeline)
+    assert all(value < 0.75 for value in similarity.values()), similarity
+    recorded = json.loads((PRETRAINED_DIR / "recipe.json").read_text())["caption_word_similarity"]
+    assert recorded == pytest.approx(similarity, abs=1e-3)
+
+
+def test_a_words_kind_is_measured_at_the_one_token_its_captions_differ_in(monkeypatch):
+    from gdro_ray.models.tiny_flux import build_tiny_flux_pipeline
+    from gdro_ray.tiny_world import pretrain
+    from gdro_ray.tiny_world.pretrain import TINY_WORLD_MODEL, caption_word_similarity
+
+    blank = build_tiny_flux_pipeline(TINY_WORLD_MODEL)
+    similarity = caption_word_similarity(blank)
+    assert set(similarity) == {"colour", "class", "count", "letter"}
+    assert all(-1 < value < 0.8 for value in similarity.values())  # random encoders keep words apart
+    # "purple" is no template word: the tokenizer spells it out, so its captions differ in several tokens
+    monkeypatch.setitem(pretrain.CAPTION_WORDS, "colour", ("a photo of a {} square", ("red", "purple")))
+    with pytest.raises(ValueError, match="colour captions must differ in one token"):
+        caption_word_similarity(blank)
+
+
 # --- pretraining -----------------------------------------------------------------------------------
 
 
@@ -497,7 +527,9 @@ def test_pretraining_resumes_and_exports_the_moving_average_of_the_weights(tmp_p
     assert "resumed: stage transformer, step 4" in " ".join(messages)
     assert recipe["config"]["steps"] == 6 and tuple(recipe["config"]["glyph_lengths"]) == (1, 1, 2, 2, 3)
     assert "transformer step 6: prompt reliance glyphs" in " ".join(messages)
+    assert "caption word similarity colour" in " ".join(messages)
     assert set(recipe["prompt_reliance"]) == {"glyphs", "shapes"}
+    assert set(recipe["caption_word_similarity"]) == {"colour", "class", "count", "letter"}
     assert all(math.isfinite(value) and value < 1 for value in recipe["prompt_reliance"].values())
 
     last = torch.load(tmp_path / "work" / "checkpoint.pt", weights_only=False)
