@@ -20,6 +20,10 @@ from gdro_ray.data.prompts import load_prompts
 from gdro_ray.evaluate import default_judge, evaluate_lora, heldout_seeds
 from gdro_ray.models import TINY, load_flow_model
 from gdro_ray.plots import plot_evaluation_curve, plot_training_curves, read_scalars
+from gdro_ray.resource_plan import (
+    StagePlan, check_plans, describe_plans, evaluation_plan, generation_plan, read_capacity, run_as_task,
+    training_plan, uses_gpus,
+)
 from gdro_ray.tasks import prompt_set
 from gdro_ray.train.periodic_eval import SETTINGS_FILE, build_eval_set, save_eval_set
 from gdro_ray.train.trainer import run_training
@@ -60,21 +64,34 @@ class AlignSettings:
         if self.k_gen < 2:
             raise ValueError(f"k_gen (images per prompt) must be >= 2 to form a group, got {self.k_gen}")
 
+    def check_group_size(self, k: int) -> None:
+        """Training draws k of the k_gen images of each group: refused before any image is generated."""
+        if k > self.k_gen:
+            raise ValueError(f"k ({k}) is larger than k_gen ({self.k_gen}), the images generated per prompt: "
+                             "lower --k or raise --k-gen")
+
     def judge(self) -> dict:
         """Keyword arguments of evaluate.default_judge."""
         return {"judge_url": self.judge_url, "token_env": self.judge_token_env, "judge_model": self.judge_model}
 
 
 def run_align(train: TrainConfig, settings: AlignSettings, log=print) -> dict:
-    """All stages; returns the final evaluation ({"base": {...}, "aligned": {...}}) and the pictures' paths."""
+    """All stages; returns the final evaluation ({"base": {...}, "aligned": {...}}) and the pictures' paths.
+    Stops before any work when a stage does not fit the cluster."""
     run = Path(settings.out or f"runs/align-{train.task}").resolve()
-    train = prepare_data(train, settings, run, log)
+    capacity = read_capacity()
+    evaluation = evaluation_plan(uses_gpus(train.use_gpu, capacity))
+    plans = [generation_plan(generation_config(train, settings, run), capacity), evaluation,
+             training_plan(train, uses_gpus(train.use_gpu, capacity))]
+    check_plans(plans, capacity)
+    log(describe_plans(plans, capacity))
+    train = prepare_data(train, settings, run, evaluation, log)
     train = dataclasses.replace(train, storage_path=str(run), name="train")
     lora = train.run_directory / "lora"
     if (lora / "config.yaml").is_file():
         log(f"[align] training: complete in {lora}, skipped")
     else:
-        run_training(train)
+        run_training(train, log=log)
 
     tensorboard = train.run_directory / "tensorboard"
     plot_training_curves(tensorboard, run / "training_curves.png")
@@ -85,9 +102,10 @@ def run_align(train: TrainConfig, settings: AlignSettings, log=print) -> dict:
 
     judge = default_judge(train.model, **settings.judge())
     sampler = generation_config(train, settings, run).sampler()
-    summary = evaluate_lora(train.task, train.model, lora, run / "eval", judge, num_prompts=settings.eval_prompts,
-                            images_per_prompt=final_images_per_prompt(train, settings), seed=train.seed,
-                            size=sampler["height"], num_steps=sampler["num_steps"], cfg_scale=settings.cfg_scale)
+    summary = run_as_task(evaluation, evaluate_lora, train.task, train.model, lora, run / "eval", judge,
+                          num_prompts=settings.eval_prompts, images_per_prompt=final_images_per_prompt(train, settings),
+                          seed=train.seed, size=sampler["height"], num_steps=sampler["num_steps"],
+                          cfg_scale=settings.cfg_scale, log=log)
     pictures = [str(path) for path in (run / "eval" / "comparison.png", run / "training_curves.png",
                                        run / "eval_curve.png") if path.is_file()]
     summary = {**summary, "pictures": pictures}
@@ -95,18 +113,19 @@ def run_align(train: TrainConfig, settings: AlignSettings, log=print) -> dict:
     return summary
 
 
-def prepare_data(train: TrainConfig, settings: AlignSettings, run: Path, log=print) -> TrainConfig:
-    """The group dataset (RUN/groups) and, when training evaluates, the evaluation set (RUN/eval_set), each
-    made unless complete; returns the training config pointed at them."""
+def prepare_data(train: TrainConfig, settings: AlignSettings, run: Path, evaluation: StagePlan,
+                 log=print) -> TrainConfig:
+    """The group dataset (RUN/groups) and, when training evaluates, the evaluation set (RUN/eval_set, encoded
+    in a task of the evaluation plan), each made unless complete; returns the training config pointed at them."""
     run.mkdir(parents=True, exist_ok=True)
     generation = generation_config(train, settings, run)
     if pending_prompts(generation):
-        counts = generate_groups(generation)["counts"]
+        counts = generate_groups(generation, log=log)["counts"]
         log(f"[align] groups: {counts['groups']} of {settings.k_gen}, mean reward {counts['mean_reward']:.3f}")
     else:
         log(f"[align] groups: complete in {generation.out}, skipped")
     if train.eval_every and not (run / "eval_set" / SETTINGS_FILE).is_file():
-        _write_eval_set(train, settings, generation, run / "eval_set")
+        run_as_task(evaluation, _write_eval_set, train, settings, generation, run / "eval_set", log=log)
     return dataclasses.replace(train, data=generation.out, eval_set=str(run / "eval_set") if train.eval_every else "")
 
 
@@ -177,6 +196,7 @@ def align_from_arguments(parser: argparse.ArgumentParser, args) -> tuple[TrainCo
     try:
         train = config_from_arguments(args)
         settings = AlignSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AlignSettings)})
+        settings.check_group_size(train.k)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     return train, settings

@@ -9,8 +9,8 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
     """Connect to the cluster named by RAY_ADDRESS (set by `ray job submit` too), else start Ray here.
 
     A bare ray.init() would join any cluster an earlier `ray start` left behind; address="local"
-    always starts a fresh one. Local Ray gets at least 4 logical CPUs: the generation and scoring
-    actor pools and Ray Data's own tasks need a slot each even on a 2-core machine. dashboard starts
+    always starts a fresh one, with the machine's own CPUs unless num_cpus says otherwise (each stage's
+    resource plan has to fit what is really there: see resource_plan). dashboard starts
     Ray's dashboard on 127.0.0.1: sweeps need its state API, through which Ray Train frees the workers'
     placement group of a run that Tune stopped; without it the group stays reserved and later trials
     wait for workers forever.
@@ -20,10 +20,5 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=dashboard)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard)
     ray.data.DataContext.get_current().enable_progress_bars = False  # the jobs show their own bars
-
-
-def cluster_can_grow() -> bool:
-    """Whether more resources may join: a cluster we joined can autoscale; the local Ray we start cannot."""
-    return bool(os.environ.get("RAY_ADDRESS"))

@@ -20,7 +20,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import ray
 import yaml
 from ray import tune
 from ray.train import Checkpoint
@@ -28,9 +27,12 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from gdro_ray.align import AlignSettings, prepare_data
+from gdro_ray.align import AlignSettings, generation_config, prepare_data
 from gdro_ray.config import TrainConfig, build_config
-from gdro_ray.ray_session import cluster_can_grow
+from gdro_ray.resource_plan import (
+    TRIAL_DRIVER_CPUS, ClusterCapacity, check_plans, cluster_ready_for, describe_plans, evaluation_plan,
+    generation_plan, read_capacity, sweep_plan, uses_gpus,
+)
 from gdro_ray.train.trainer import export_lora, run_training
 
 TUNED = ("beta", "tau", "gamma", "k", "lr")
@@ -69,28 +71,18 @@ class SweepSettings:
                 "gamma": tune.uniform(*self.gamma), "lr": tune.loguniform(*self.lr), "k": tune.choice(list(self.k))}
 
 
-def trials_that_fit(train: TrainConfig, resources: dict) -> int:
-    """How many trials run at once on these resources: a trial holds a CPU for its function, and its Train
-    run num_workers workers of a CPU each (and a GPU each when it trains on GPUs)."""
-    fit = int(resources.get("CPU", 0) // (1 + train.num_workers))
-    use_gpu = train.use_gpu if train.use_gpu is not None else resources.get("GPU", 0) > 0
-    return min(fit, int(resources.get("GPU", 0) // train.num_workers)) if use_gpu else fit
-
-
-def concurrent_trials(train: TrainConfig, sweep: SweepSettings, resources: dict, can_grow: bool, log=print) -> int:
-    """The concurrency to run with. Trials beyond what a fixed cluster holds start their Train runs anyway
-    and wait on each other's workers until they time out, over and over: a sweep that never ends. So on
-    a fixed cluster (the local Ray) the concurrency is capped; a growing cluster gets what was asked."""
-    fit = trials_that_fit(train, resources)
-    if can_grow or fit >= sweep.max_concurrent_trials:
-        return sweep.max_concurrent_trials
-    if fit < 1:
-        raise ValueError(f"a trial needs {1 + train.num_workers} CPUs (its function and {train.num_workers} training "
-                         f"workers) but this Ray has {resources.get('CPU', 0):g} CPUs "
-                         f"and {resources.get('GPU', 0):g} GPUs: lower --num-workers")
-    log(f"running {fit} trial(s) at once instead of {sweep.max_concurrent_trials}: this Ray holds "
-        f"{resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs, and more trials would wait on "
-        "each other's workers")
+def concurrent_trials(train: TrainConfig, sweep: SweepSettings, capacity: ClusterCapacity, log=print) -> int:
+    """The concurrency to run with: what was asked, or as many trials as the cluster can hold at most. Trials
+    beyond that would start their Train runs anyway and wait on each other's workers until they time out,
+    over and over: a sweep that never ends. A trial larger than the cluster stops the sweep before any work."""
+    use_gpu = uses_gpus(train.use_gpu, capacity)
+    check_plans([sweep_plan(train, use_gpu, 1)], capacity)
+    fit = 1
+    while fit < sweep.max_concurrent_trials and not capacity.missing(sweep_plan(train, use_gpu, fit + 1)):
+        fit += 1
+    if fit < sweep.max_concurrent_trials:
+        log(f"running {fit} trial(s) at once instead of {sweep.max_concurrent_trials}: a cluster of "
+            f"{capacity.describe()} holds no more, and more trials would wait on each other's workers")
     return fit
 
 
@@ -99,22 +91,29 @@ def run_sweep(train: TrainConfig, align: AlignSettings, sweep: SweepSettings, lo
     Rerun with the same output directory to resume an interrupted sweep."""
     if train.eval_every < 1:
         raise ValueError("a sweep stops trials on held-out scores: set eval_every >= 1")
-    if max(sweep.k) > align.k_gen:
-        raise ValueError(f"k choices {sweep.k} exceed the {align.k_gen} images generated per prompt (k_gen)")
+    align.check_group_size(max(sweep.k))
     run = Path(align.out or f"runs/sweep-{train.task}").resolve()
-    train = prepare_data(train, align, run, log)
+    capacity = read_capacity()
+    use_gpu = uses_gpus(train.use_gpu, capacity)
+    concurrent = concurrent_trials(train, sweep, capacity, log)
+    plans = [generation_plan(generation_config(train, align, run), capacity), evaluation_plan(use_gpu),
+             sweep_plan(train, use_gpu, concurrent)]
+    check_plans(plans, capacity)
+    log(describe_plans(plans, capacity))
+    train = prepare_data(train, align, run, plans[1], log)
     base = dataclasses.asdict(dataclasses.replace(train, storage_path=str(run / "trials"), max_failures=0))
     # Tune gives a stopped trial's actor up to 600 s by default to end before it kills it, and the trial's
     # Train run holds its workers until then, while the next trial's workers wait and time out after 60 s.
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(STOPPED_TRIAL_CLEANUP_S))
-    trainable, experiment = tune.with_parameters(_trial, base=base), run / "tune"
+    trainable = tune.with_resources(tune.with_parameters(_trial, base=base), {"CPU": TRIAL_DRIVER_CPUS})
+    experiment = run / "tune"
     if tune.Tuner.can_restore(experiment):
         # A rerun goes on where the last one stopped: finished trials stay finished, unfinished ones resume
         # from their last checkpoint, errored ones get their retry. The sweep settings are the first run's.
         log(f"resuming the sweep in {experiment} (its search space and settings are the first run's)")
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True, param_space=sweep.param_space())
-        return _summarise(tuner.fit(), train, run)
-    concurrent = concurrent_trials(train, sweep, ray.cluster_resources(), cluster_can_grow(), log)
+        with cluster_ready_for(plans[2], log):
+            return _summarise(tuner.fit(), train, run)
     scheduler = ASHAScheduler(time_attr="step", max_t=train.steps, grace_period=min(sweep.grace_period, train.steps),
                               reduction_factor=sweep.reduction_factor)
     preset = {name: getattr(train, name) for name in TUNED}
@@ -132,7 +131,8 @@ def run_sweep(train: TrainConfig, align: AlignSettings, sweep: SweepSettings, lo
         run_config=tune.RunConfig(name=experiment.name, storage_path=str(run),
                                   failure_config=tune.FailureConfig(max_failures=1)),
     )
-    return _summarise(tuner.fit(), train, run)
+    with cluster_ready_for(plans[2], log):
+        return _summarise(tuner.fit(), train, run)
 
 
 def _summarise(results, train: TrainConfig, run: Path) -> dict:
@@ -155,7 +155,9 @@ def _summarise(results, train: TrainConfig, run: Path) -> dict:
 
 def _trial(values: dict, base: dict) -> None:
     name = f"trial-{tune.get_context().get_trial_id()}"
-    run_training(build_config({**base, **values, "name": name}), callbacks=[TuneReportCallback()])
+    # The sweep made sure of the cluster for all its trials at once; a trial does not ask again.
+    run_training(build_config({**base, **values, "name": name}), callbacks=[TuneReportCallback()],
+                 wait_for_cluster=False)
 
 
 def _result_rows(results, steps: int) -> list[dict]:

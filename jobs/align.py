@@ -11,10 +11,12 @@ from the preset (default: "tiny" on the embedded model, "paper" otherwise), then
 """
 
 import argparse
+import sys
 
 from gdro_ray.align import add_align_arguments, align_from_arguments, run_align
 from gdro_ray.evaluate import format_table
 from gdro_ray.ray_session import init_ray
+from gdro_ray.resource_plan import ResourcePlanError
 
 
 def parse_args(argv=None):
@@ -26,7 +28,10 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     train, settings = parse_args(argv)
     init_ray()
-    summary = run_align(train, settings)
+    try:
+        summary = run_align(train, settings)
+    except ResourcePlanError as error:
+        sys.exit(f"align: {error}")
     print(format_table(summary))
     print("pictures:", *summary["pictures"])
     return summary

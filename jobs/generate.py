@@ -9,9 +9,11 @@ Rerunning the same command resumes: prompts already written are skipped.
 
 import argparse
 import json
+import sys
 
 from gdro_ray.data.generation import GenerationConfig, generate_groups, parse_pool
 from gdro_ray.ray_session import init_ray
+from gdro_ray.resource_plan import ResourcePlanError
 
 
 def reward_spec(text: str) -> dict:
@@ -63,7 +65,10 @@ def parse_args(argv=None) -> tuple[GenerationConfig, argparse.Namespace]:
 def main(argv=None):
     config, args = parse_args(argv)
     init_ray()
-    manifest = generate_groups(config, overwrite=args.overwrite, progress=not args.no_progress)
+    try:
+        manifest = generate_groups(config, overwrite=args.overwrite, progress=not args.no_progress)
+    except ResourcePlanError as error:
+        sys.exit(f"generate: {error}")
     print(json.dumps({"out": config.out, **manifest["counts"]}, indent=2))
 
 

@@ -8,9 +8,11 @@ resumes from the latest checkpoint. The EMA LoRA lands in STORAGE/NAME/lora in d
 """
 
 import argparse
+import sys
 
 from gdro_ray.config import add_arguments, config_from_arguments
 from gdro_ray.ray_session import init_ray
+from gdro_ray.resource_plan import ResourcePlanError
 from gdro_ray.train.trainer import run_training
 
 
@@ -21,7 +23,10 @@ def main(argv=None):
     if not config.data:
         parser.error("--data (a group dataset directory) is required")
     init_ray()
-    result = run_training(config)
+    try:
+        result = run_training(config)
+    except ResourcePlanError as error:
+        sys.exit(f"train: {error}")
     print(f"[gdro train] finished at step {result.metrics['step']}; LoRA: {config.run_directory / 'lora'}")
 
 

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 def local_ray():
     """A local Ray for a test module, started as the jobs start it (the dashboard as tune/sweep.py has it:
     Ray Train frees stopped trials' workers through it)."""
-    init_ray(num_cpus=6, dashboard=True)
+    init_ray(dashboard=True)
     yield
     ray.shutdown()
 

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def ray_cluster():
     import ray
 
-    init_ray(num_cpus=4)
+    init_ray()
     yield
     ray.shutdown()
 

@@ -26,7 +26,7 @@ TRAIN_DEFAULTS = dict(task="ocr", k=4, steps=4, groups_per_step=2, lr=3e-3, lora
 def ray_cluster():
     import ray
 
-    init_ray(num_cpus=6)
+    init_ray()
     yield
     ray.shutdown()
 

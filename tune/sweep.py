@@ -11,9 +11,11 @@ are jobs/align.py's; --out defaults to runs/sweep-TASK. Rerun the same command t
 """
 
 import argparse
+import sys
 
 from gdro_ray.align import add_align_arguments, align_from_arguments
 from gdro_ray.ray_session import init_ray
+from gdro_ray.resource_plan import ResourcePlanError
 from gdro_ray.sweep import SweepSettings, run_sweep
 
 RANGES = ("beta", "tau", "gamma", "lr")
@@ -50,6 +52,7 @@ def parse_args(argv=None):
                               grace_period=args.grace_period, reduction_factor=args.reduction_factor,
                               k=args.k_choices, seed=args.sweep_seed,
                               **{name: getattr(args, f"{name}_range") for name in RANGES})
+        align.check_group_size(max(sweep.k))
     except ValueError as error:
         parser.error(str(error))
     return train, align, sweep
@@ -58,7 +61,10 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     train, align, sweep = parse_args(argv)
     init_ray(dashboard=True)
-    best = run_sweep(train, align, sweep)
+    try:
+        best = run_sweep(train, align, sweep)
+    except ResourcePlanError as error:
+        sys.exit(f"sweep: {error}")
     print(f"best settings ({align.out}/best.yaml): {best}")
     return best
 

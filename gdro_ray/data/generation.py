@@ -24,6 +24,7 @@ from gdro_ray.data.prompts import PromptRecord, load_prompts
 from gdro_ray.data.records import image_to_png, png_to_image, tensor_to_bytes
 from gdro_ray.data.shards import read_shards, remove_partial_shards, shard_paths, write_shard, written_prompt_ids
 from gdro_ray.models import TINY, default_image_size, default_sampler_steps, load_flow_model
+from gdro_ray.resource_plan import StagePlan, cluster_ready_for, generation_plan, read_capacity
 from gdro_ray.rewards import build_reward
 from gdro_ray.rewards.base import score_safely
 from gdro_ray.tasks import prompt_set, reward_for_task
@@ -51,7 +52,7 @@ class GenerationConfig:
     prompts_per_batch: int = 4
     generation_actors: tuple[int, int] = (1, 1)  # (min, max): the pool grows with the cluster up to max
     scoring_actors: tuple[int, int] = (1, 1)
-    gpus_per_generator: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    gpus_per_generator: float | None = None  # None: 1 when the cluster has or can get GPUs, else 0
     gpus_per_scorer: float = 0.0
 
     def __post_init__(self):
@@ -191,7 +192,7 @@ def pending_prompts(config: GenerationConfig, overwrite: bool = False) -> list[P
     return [prompt for prompt in prompts if prompt.prompt_id not in done]
 
 
-def generate_groups(config: GenerationConfig, overwrite: bool = False, progress: bool = True) -> dict:
+def generate_groups(config: GenerationConfig, overwrite: bool = False, progress: bool = True, log=print) -> dict:
     """Build (or complete) the group dataset in ``config.out`` on the current Ray cluster.
 
     Returns the manifest, with counts and the mean per-stage seconds per group of this run.
@@ -202,8 +203,10 @@ def generate_groups(config: GenerationConfig, overwrite: bool = False, progress:
     write_manifest(out, config.identity(), counts, complete=False)
     stage_seconds = {"generation": 0.0, "scoring": 0.0, "writing": 0.0}
     if todo:
-        summaries = _pipeline(config, todo).iter_batches(batch_size=None, batch_format="pyarrow")
-        with tqdm(total=len(todo), desc=f"groups of {config.k}", unit="prompt", disable=not progress) as bar:
+        plan = generation_plan(config, read_capacity())
+        summaries = _pipeline(config, plan, todo).iter_batches(batch_size=None, batch_format="pyarrow")
+        with cluster_ready_for(plan, log), \
+                tqdm(total=len(todo), desc=f"groups of {config.k}", unit="prompt", disable=not progress) as bar:
             for summary in summaries:
                 for stage in stage_seconds:
                     stage_seconds[stage] += sum(summary.column(f"{stage}_seconds").to_pylist())
@@ -216,11 +219,9 @@ def generate_groups(config: GenerationConfig, overwrite: bool = False, progress:
     return write_manifest(out, config.identity(), counts, complete=True)
 
 
-def _pipeline(config: GenerationConfig, prompts: list[PromptRecord]) -> ray.data.Dataset:
+def _pipeline(config: GenerationConfig, plan: StagePlan, prompts: list[PromptRecord]) -> ray.data.Dataset:
     items = [{"prompt_id": p.prompt_id, "prompt": p.prompt, "metadata": json.dumps(p.metadata)} for p in prompts]
-    gpus = config.gpus_per_generator
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    generators, scorers = plan.demands
     return (
         ray.data.from_items(items)
         .map_batches(
@@ -228,8 +229,8 @@ def _pipeline(config: GenerationConfig, prompts: list[PromptRecord]) -> ray.data
             fn_constructor_kwargs={"config": config},
             compute=ray.data.ActorPoolStrategy(min_size=config.generation_actors[0], max_size=config.generation_actors[1]),
             batch_size=config.prompts_per_batch,
-            num_gpus=gpus,
-            num_cpus=1,
+            num_gpus=generators.each["GPU"],
+            num_cpus=generators.each["CPU"],
         )
         .map_batches(
             GroupScorer,
@@ -237,8 +238,8 @@ def _pipeline(config: GenerationConfig, prompts: list[PromptRecord]) -> ray.data
             compute=ray.data.ActorPoolStrategy(min_size=config.scoring_actors[0], max_size=config.scoring_actors[1]),
             batch_size=config.prompts_per_batch,
             batch_format="pyarrow",
-            num_gpus=config.gpus_per_scorer,
-            num_cpus=1,
+            num_gpus=scorers.each["GPU"],
+            num_cpus=scorers.each["CPU"],
         )
     )
 

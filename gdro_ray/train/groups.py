@@ -10,7 +10,10 @@ Documented behaviour for awkward data:
 
 import json
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from gdro_ray.data.records import tensor_from_bytes
@@ -39,6 +42,19 @@ def ranked_prompt_ids(directory: str, k: int) -> tuple[list[str], dict]:
     counts = {"groups": len(sizes), "ranked_groups": len(ids), "tied_groups_left_out": len(sizes) - len(ids),
               "groups_smaller_than_k": sum(size < k for size in sizes)}
     return ids, counts
+
+
+def read_ranked_groups(batch: dict, prompt_ids: list[str]):
+    """Ray Data reader: the training columns of the given groups in the batch's shard files, a row group at a
+    time (a shard never has to fit in memory whole)."""
+    wanted = pa.array(prompt_ids, type=pa.string())
+    for path in np.asarray(batch["path"]).tolist():
+        shard = pq.ParquetFile(path)
+        for index in range(shard.num_row_groups):
+            table = shard.read_row_group(index, columns=TRAINING_COLUMNS)
+            table = table.filter(pc.is_in(table["prompt_id"], value_set=wanted))
+            if table.num_rows:
+                yield table
 
 
 def check_enough_groups(ranked_groups: int, workers: int, groups_per_step: int) -> None:

@@ -1,11 +1,12 @@
 """Ray Train wiring: the group dataset, workers, failure handling and the exported LoRA.
 
-    TorchTrainer(train_worker) over datasets={"train": ranked groups}
-      ScalingConfig(num_workers or (min, max) for elastic runs), FailureConfig(max_failures)
+    TorchTrainer(train_worker) over datasets={"train": ranked groups, read at reader_cpus}
+      ScalingConfig(num_workers or (min, max) for elastic runs, cpus_per_worker and a GPU each), FailureConfig
       RunConfig(storage_path, name): rerunning the same name resumes from its latest checkpoint
     -> run_directory/lora (the EMA LoRA, diffusers' format) and run_directory/config.yaml
 """
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -13,34 +14,45 @@ from pathlib import Path
 
 import ray
 import ray.train
-from ray.data.expressions import col
+from ray.data import ExecutionOptions, ExecutionResources
 from ray.train.torch import TorchTrainer
 
 from gdro_ray.config import TrainConfig, save_yaml
 from gdro_ray.data.shards import shard_paths
-from gdro_ray.train.groups import TRAINING_COLUMNS, check_enough_groups, ranked_prompt_ids
+from gdro_ray.resource_plan import cluster_ready_for, read_capacity, training_plan, uses_gpus, worker_resources
+from gdro_ray.train.groups import check_enough_groups, ranked_prompt_ids, read_ranked_groups
 from gdro_ray.train.worker import train_worker
 
 
 def group_dataset(config: TrainConfig) -> tuple[ray.data.Dataset, dict]:
-    """The groups that carry a ranking, as a Ray Dataset of the columns training reads."""
+    """The groups that carry a ranking, as a Ray Dataset of the columns training reads.
+
+    Every Ray Data task of it asks for reader_cpus: read_parquet would also list the files in a task of one
+    whole CPU, which a cluster whose CPUs the workers hold never gets.
+    """
     ids, counts = ranked_prompt_ids(config.data, config.k)
     check_enough_groups(len(ids), config.max_workers or config.num_workers, config.groups_per_step)
-    paths = [str(path) for path in shard_paths(config.data)]
-    dataset = ray.data.read_parquet(paths, columns=TRAINING_COLUMNS).filter(expr=col("prompt_id").is_in(ids))
+    shards = ray.data.from_items([{"path": str(path)} for path in shard_paths(config.data)])
+    dataset = shards.map_batches(read_ranked_groups, fn_kwargs={"prompt_ids": ids}, batch_size=1,
+                                 num_cpus=config.reader_cpus)
     return dataset, counts
 
 
-def run_training(config: TrainConfig, callbacks: list | None = None) -> ray.train.Result:
-    """Train (or resume) config.name; callbacks join the RunConfig (a Tune trial passes TuneReportCallback)."""
+def run_training(config: TrainConfig, callbacks: list | None = None, log=print,
+                 wait_for_cluster: bool = True) -> ray.train.Result:
+    """Train (or resume) config.name; callbacks join the RunConfig (a Tune trial passes TuneReportCallback).
+    First makes sure the cluster holds the training plan (resource_plan.cluster_ready_for), unless told not to."""
     dataset, counts = group_dataset(config)
-    print(f"[gdro train] dataset {config.data}: {json.dumps(counts)}", flush=True)
-    use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    log(f"[gdro train] dataset {config.data}: {json.dumps(counts)}")
+    use_gpu = uses_gpus(config.use_gpu, read_capacity())
     workers = config.num_workers if config.max_workers is None else (config.num_workers, config.max_workers)
+    # Ray Data gets what the workers leave; capped at the reader's share, it never takes a CPU a worker was planned on.
+    reader_limits = ExecutionOptions(resource_limits=ExecutionResources(cpu=config.reader_cpus))
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=dataclasses.asdict(config),
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                               resources_per_worker=worker_resources(config, use_gpu)),
         run_config=ray.train.RunConfig(
             name=config.name,
             storage_path=str(Path(config.storage_path).resolve()),
@@ -49,8 +61,11 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> ray.trai
             callbacks=callbacks,
         ),
         datasets={"train": dataset},
+        dataset_config=ray.train.DataConfig(execution_options=reader_limits),
     )
-    result = trainer.fit()
+    plan = training_plan(config, use_gpu)
+    with cluster_ready_for(plan, log) if wait_for_cluster else contextlib.nullcontext():
+        result = trainer.fit()
     export_lora(result.checkpoint, config)
     return result
 

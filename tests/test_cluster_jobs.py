@@ -1,0 +1,114 @@
+"""The cluster path as users take it: a running Ray head of 2 CPUs with token authentication, jobs submitted
+through the Jobs API with the repository as their working directory, as `ray job submit --working-dir .` does.
+
+The head is a real `ray start --head`, so nothing here can borrow logical CPUs the machine does not have:
+every stage's resource plan has to fit 2 CPUs, or the job has to say at its start that it does not.
+"""
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SMALL_RUN = ["--num-prompts", "8", "--k-gen", "4", "--k", "3", "--sample-steps", "4", "--steps", "4",
+             "--groups-per-step", "2", "--checkpoint-every", "2", "--eval-every", "2", "--train-eval-prompts", "2",
+             "--train-eval-images-per-prompt", "2"]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """`ray start --head --num-cpus 2` with token auth; yields a Jobs API client. `ray stop` at the end stops
+    every Ray on this machine: the other test modules' local Rays are shut down by then."""
+    temp = Path(tempfile.mkdtemp(prefix="gdro-head-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    token = secrets.token_hex(32)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_AUTH_MODE", "token")
+        env.setenv("RAY_AUTH_TOKEN", token)
+        env.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")  # the jobs' `python` is this environment's
+        env.delenv("RAY_ADDRESS", raising=False)
+        dashboard = _free_port()
+        subprocess.run([BIN / "ray", "start", "--head", "--num-cpus", "2", "--port", str(_free_port()),
+                        "--dashboard-port", str(dashboard), "--ray-client-server-port", str(_free_port()),
+                        "--dashboard-agent-listen-port", str(_free_port()), "--temp-dir", str(temp),
+                        "--disable-usage-stats"], check=True, capture_output=True)
+        try:
+            yield _client(f"http://127.0.0.1:{dashboard}", token)
+        finally:
+            subprocess.run([BIN / "ray", "stop", "--force"], capture_output=True)
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def _client(address: str, token: str) -> JobSubmissionClient:
+    """The Jobs API, once the head's job agent answers (it starts a few seconds after the head). The token goes
+    in the header itself: this process imported Ray before RAY_AUTH_MODE was set, so Ray would not add it."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            client = JobSubmissionClient(address, headers={"authorization": f"Bearer {token}"})
+            client.list_jobs()
+            return client
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
+def submit_and_wait(client: JobSubmissionClient, entrypoint: list[str], timeout_s: float) -> tuple[JobStatus, str]:
+    job = client.submit_job(entrypoint=" ".join(entrypoint), runtime_env={"working_dir": str(REPO)})
+    deadline = time.monotonic() + timeout_s
+    while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        if time.monotonic() > deadline:
+            client.stop_job(job)
+            pytest.fail(f"{entrypoint[:2]} still {status} after {timeout_s} s:\n{client.get_job_logs(job)[-3000:]}")
+        time.sleep(3)
+    return status, client.get_job_logs(job)
+
+
+def test_an_align_job_submitted_to_a_2_cpu_head_finishes(ray_head, tmp_path):
+    run = tmp_path / "align"
+    status, logs = submit_and_wait(ray_head, ["python", "jobs/align.py", "--task", "geneval", "--out", str(run),
+                                              *SMALL_RUN, "--eval-prompts", "2", "--eval-images", "4"], 600)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    # The plan it printed: the tiny preset's two training workers and their data reader within the 2 CPUs.
+    assert "training {CPU: 1.75} (2 training workers x {CPU: 0.75}, 1 data reader x {CPU: 0.25})" in logs
+    for path in ("groups/manifest.json", "train/lora/pytorch_lora_weights.safetensors", "eval/comparison.png",
+                 "summary.json"):
+        assert (run / path).is_file(), path
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["aligned"]["images"] == 4
+    assert "corrected" in logs and f"{summary['aligned']['reward']:.3f}" in logs  # the printed table
+
+
+def test_a_sweep_submitted_to_a_2_cpu_head_finishes(ray_head, tmp_path):
+    run = tmp_path / "sweep"
+    status, logs = submit_and_wait(ray_head, ["python", "tune/sweep.py", "--task", "ocr", "--out", str(run),
+                                              *SMALL_RUN, "--num-workers", "1", "--num-samples", "2",
+                                              "--grace-period", "2", "--k-choices", "2,3"], 600)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert (run / "best.yaml").is_file() and (run / "results.csv").read_text().count("\n") == 3
+
+
+def test_a_run_larger_than_the_head_fails_at_its_start_naming_what_is_missing(ray_head, tmp_path):
+    started = time.monotonic()
+    status, logs = submit_and_wait(ray_head, ["python", "jobs/align.py", "--task", "ocr", "--out", str(tmp_path),
+                                              "--num-workers", "3"], 120)
+    assert status == JobStatus.FAILED
+    assert "training {CPU: 2.5}" in logs and "is short of {CPU: 0.5}" in logs and "--num-workers" in logs
+    assert not (tmp_path / "groups").exists() and time.monotonic() - started < 120
