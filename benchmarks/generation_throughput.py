@@ -5,7 +5,7 @@ calls the pipeline's own generation and scoring stages in sequence, in this proc
 measures what Ray Data's actor pools add (overlap of generation with scoring and writing, one model
 replica per actor) net of their start-up cost.
 
-    python benchmarks/generation_throughput.py --num-prompts 16 --k 8 --actors 2
+    python benchmarks/generation_throughput.py --num-prompts 16 --k 8 --actors 1
 """
 
 import argparse
@@ -52,7 +52,8 @@ def main():
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--num-steps", type=int, default=None)
     parser.add_argument("--prompts-per-batch", type=int, default=2)
-    parser.add_argument("--actors", type=int, default=2, help="generation and scoring actors each")
+    parser.add_argument("--actors", type=int, default=1,
+                        help="generation and scoring actors each, a CPU apiece (1 and 1 fill 2 cores)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as each Ray actor gets one CPU, so both sides use the cores alike
 

@@ -53,8 +53,7 @@ class AlignSettings:
     judge_model: str | None = None
     generation_actors: tuple[int, int] = (1, 1)
     scoring_actors: tuple[int, int] = (1, 1)
-    # None: 1 when the cluster has GPUs at the start; set it (and --use-gpu) on clusters that scale from zero
-    gpus_per_generator: float | None = None
+    gpus_per_generator: float | None = None  # None: 1 when the cluster has or can get GPUs
 
     def __post_init__(self):
         for name in ("num_prompts", "k_gen", "eval_prompts", "eval_images", "train_eval_prompts",
@@ -80,9 +79,10 @@ def run_align(train: TrainConfig, settings: AlignSettings, log=print) -> dict:
     Stops before any work when a stage does not fit the cluster."""
     run = Path(settings.out or f"runs/align-{train.task}").resolve()
     capacity = read_capacity()
-    evaluation = evaluation_plan(uses_gpus(train.use_gpu, capacity))
+    use_gpu = uses_gpus(train.use_gpu, capacity)
+    evaluation = evaluation_plan(use_gpu)
     plans = [generation_plan(generation_config(train, settings, run), capacity), evaluation,
-             training_plan(train, uses_gpus(train.use_gpu, capacity))]
+             training_plan(train, use_gpu)]
     check_plans(plans, capacity)
     log(describe_plans(plans, capacity))
     train = prepare_data(train, settings, run, evaluation, log)
@@ -183,8 +183,8 @@ def add_align_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--generation-actors", type=parse_pool, default=defaults.generation_actors, help="MIN,MAX")
     group.add_argument("--scoring-actors", type=parse_pool, default=defaults.scoring_actors, help="MIN,MAX")
     group.add_argument("--gpus-per-generator", type=float, default=None,
-                       help="default: 1 if the cluster has GPUs when the job starts (pass it on clusters that scale "
-                            "GPU nodes from zero, with --use-gpu true)")
+                       help="default: 1 if the cluster has GPUs, or declares it can get them "
+                            "(GDRO_CLUSTER_MAX_RESOURCES, see cluster/README.md)")
 
 
 def align_from_arguments(parser: argparse.ArgumentParser, args) -> tuple[TrainConfig, AlignSettings]:

@@ -47,7 +47,7 @@ def parse_args(argv=None) -> tuple[GenerationConfig, argparse.Namespace]:
     parser.add_argument("--prompts-per-batch", type=int, default=defaults.prompts_per_batch)
     parser.add_argument("--generation-actors", type=parse_pool, default=defaults.generation_actors, help="MIN,MAX")
     parser.add_argument("--scoring-actors", type=parse_pool, default=defaults.scoring_actors, help="MIN,MAX")
-    parser.add_argument("--gpus-per-generator", type=float, default=None, help="default: 1 if the cluster has GPUs")
+    parser.add_argument("--gpus-per-generator", type=float, default=None, help="default: 1 if the cluster has or can get GPUs")
     parser.add_argument("--overwrite", action="store_true", help="delete a dataset made with other settings")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

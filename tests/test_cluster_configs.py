@@ -5,11 +5,14 @@ prepare_config + validate_config (ray/autoscaler/ray-schema.json) as `ray up`; t
 are checked field by field.
 """
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 import yaml
+
+from gdro_ray.resource_plan import GROWTH_VARIABLE
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
 LAUNCHER_CONFIGS = ["aws.yaml", "gcp.yaml"]
@@ -100,6 +103,18 @@ def test_launcher_installs_the_synced_working_tree(name):
     assert any("pip install" in c and "-e ~/gdro-ray" in c for c in commands(config, "setup_commands"))
 
 
+@pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
+def test_launcher_head_declares_how_far_the_cluster_grows(name):
+    """The jobs' resource plan reads the ceiling from the head's environment; it must match the node types."""
+    config = launcher(name)
+    (start,) = [c for c in commands(config, "head_start_ray_commands") if "ray start" in c]
+    declared = json.loads(re.search(rf"{GROWTH_VARIABLE}='([^']+)'", start).group(1))
+    types = config["available_node_types"]
+    counts = {name: 1 if name == config["head_node_type"] else t["max_workers"] for name, t in types.items()}
+    assert declared == {key: sum(counts[name] * t["resources"].get(key, 0) for name, t in types.items())
+                        for key in ("CPU", "GPU")}
+
+
 # ---- KubeRay (kuberay/raycluster.yaml, kuberay/rayjob.yaml) -------------------------------------
 
 
@@ -137,6 +152,19 @@ def test_kuberay_autoscales_gpu_group_from_zero(which):
     for group in gpu_groups:
         assert group["minReplicas"] == 0
         assert group["maxReplicas"] >= 1
+
+
+@pytest.mark.parametrize("which", CLUSTER_SPECS)
+def test_kuberay_head_declares_how_far_the_cluster_grows(which):
+    spec = cluster_spec(which)
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    declared = json.loads({e["name"]: e for e in head["env"]}[GROWTH_VARIABLE]["value"])
+    expected = {"CPU": int(head["resources"]["limits"]["cpu"]), "GPU": 0}
+    for group in spec["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        expected["CPU"] += group["maxReplicas"] * int(limits["cpu"])
+        expected["GPU"] += group["maxReplicas"] * int(limits.get("nvidia.com/gpu", 0))
+    assert declared == expected
 
 
 @pytest.mark.parametrize("which", CLUSTER_SPECS)

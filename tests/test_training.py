@@ -19,7 +19,8 @@ from gdro_ray.ray_session import init_ray
 from gdro_ray.train.trainer import run_training
 
 TRAIN_DEFAULTS = dict(task="ocr", k=4, steps=4, groups_per_step=2, lr=3e-3, lora_rank=4, lora_alpha=4.0,
-                      beta=100.0, tau=0.002, warmup_steps=0, checkpoint_every=2, num_workers=2)
+                      beta=100.0, tau=0.002, warmup_steps=0, checkpoint_every=2, num_workers=2,
+                      cpus_per_worker=0.75)  # two workers and their data reader on 2 CPUs
 
 
 @pytest.fixture(scope="module")
