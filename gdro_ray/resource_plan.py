@@ -97,7 +97,10 @@ class ResourcePlanError(ValueError):
 def read_capacity() -> ClusterCapacity:
     """The connected cluster's capacity (ray.init first)."""
     now = {name: float(amount) for name, amount in ray.cluster_resources().items() if name in PLANNED}
-    return ClusterCapacity(now, _declared_ceiling())
+    ceiling = _declared_ceiling()
+    if ceiling is not None:  # a declaration never shrinks the cluster below what it already has
+        ceiling = {name: max(ceiling.get(name, 0.0), now.get(name, 0.0)) for name in PLANNED}
+    return ClusterCapacity(now, ceiling)
 
 
 def uses_gpus(setting: bool | None, capacity: ClusterCapacity) -> bool:

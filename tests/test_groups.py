@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from gdro_ray.data.records import tensor_to_bytes
-from gdro_ray.data.shards import write_shard
-from gdro_ray.train.groups import check_enough_groups, group_batch, ranked_prompt_ids
+from gdro_ray.data.shards import shard_paths, write_shard
+from gdro_ray.train.groups import (
+    TRAINING_COLUMNS, check_enough_groups, group_batch, ranked_prompt_ids, read_ranked_groups,
+)
 
 
 def row(prompt_id, rewards, tokens=4, channels=2):
@@ -25,6 +27,15 @@ def test_tied_groups_are_left_out_and_counted(tmp_path):
     ids, counts = ranked_prompt_ids(str(tmp_path), k=3)
     assert sorted(ids) == ["a", "small"]
     assert counts == {"groups": 3, "ranked_groups": 2, "tied_groups_left_out": 1, "groups_smaller_than_k": 1}
+
+
+def test_the_training_reader_yields_the_ranked_groups_training_columns_only(tmp_path):
+    write_shard([row("a", [0.1, 0.9]), row("tie", [0.5, 0.5])], tmp_path)
+    write_shard([row("b", [0.3, 0.7])], tmp_path)
+    ids, _ = ranked_prompt_ids(str(tmp_path), k=2)
+    tables = list(read_ranked_groups({"path": [str(path) for path in shard_paths(tmp_path)]}, prompt_ids=ids))
+    assert sorted(pid for table in tables for pid in table.column("prompt_id").to_pylist()) == ["a", "b"]
+    assert all(table.column_names == TRAINING_COLUMNS for table in tables)
 
 
 def test_small_groups_are_padded_and_masked_and_draws_keep_member_rewards(tmp_path):
