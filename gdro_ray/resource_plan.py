@@ -210,8 +210,10 @@ def _declared_ceiling() -> dict | None:
         except (ValueError, TypeError):
             raise ResourcePlanError(f"{GROWTH_VARIABLE} must be a JSON object such as "
                                     f'{{"CPU": 392, "GPU": 32}}, got {text!r}') from None
-    # Ray knows the maximum when its autoscaler reports its config (Ray Train checks its workers against the same).
-    reported = ray._private.state.state.get_max_resources_from_cluster_config()
+    # Ray knows the maximum when its autoscaler reports its config (Ray Train checks its workers against the same,
+    # through this private call of Ray 2.60; a Ray without it counts as not reporting).
+    read_reported = getattr(ray._private.state.state, "get_max_resources_from_cluster_config", lambda: None)
+    reported = read_reported()
     return {name: float(reported.get(name, 0)) for name in PLANNED} if reported else None
 
 
