@@ -99,7 +99,7 @@ class TrainConfig:
 
 
 # The paper's settings (GDRO, section 4): beta read on the mean over latent elements, which is how
-# public flow-DPO code reduces it; the tiny-world study in shared/DESIGN.md found beta ~ 10 best there too.
+# public flow-DPO code reduces it; the tiny-world study in docs/results.md found beta ~ 10 best there too.
 PRESETS: dict[str, dict[str, dict]] = {
     "paper": {
         "ocr": dict(tau=0.05, gamma=0.5, beta=12.0, k=6, steps=300, lr=3e-4, lora_rank=32, lora_alpha=32.0),

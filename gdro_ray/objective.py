@@ -5,7 +5,7 @@ Shapes: a batch holds B groups of k members. ``scores`` (implicit rewards s), ``
 with fewer than k members are padded and masked. Every loss returns one value per group (B,);
 the caller averages.
 
-Equations follow the GDRO paper (see shared/seed): with rewards sorted r_1 >= ... >= r_k,
+Equations follow the GDRO paper (CVPR 2026): with rewards sorted r_1 >= ... >= r_k,
 
     q_i(j) = softmax_{j >= i}(r_j / tau)
     L_GDRO = sum_{i=1}^{k-1} ( logsumexp_{m >= i} s_m - sum_{j >= i} q_i(j) s_j )        (GDRO eq. 6)

@@ -4,7 +4,7 @@ The group dataset and the evaluation set are made once (align.prepare_data) and 
 Each trial is a function trainable that runs one TorchTrainer (Ray Train V2) with TuneReportCallback,
 so the workers' reports, the held-out eval_corrected included, reach Tune. ASHA stops trials whose
 corrected score trails at a rung; its grace period should outlast the dip below the base that GDRO
-runs show early on (shared/DESIGN.md). The first trial is the preset itself.
+runs show early on (docs/results.md). The first trial is the preset itself.
 
     RUN/groups, RUN/eval_set      shared data
     RUN/trials/trial-ID/          each trial's training run (checkpoints, tensorboard)

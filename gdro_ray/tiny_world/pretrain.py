@@ -6,7 +6,7 @@ renders into 16x16x4 latents; its latent mean and spread become FLUX's shift and
 
 The captions are noisy on purpose, as web captions are: some renders show another count, colour or
 text than their prompt says. A base trained to convergence on such data errs in ways the task rewards
-measure, which is what lets GDRO show a gain (shared/DESIGN.md, "Making alignment visible").
+measure, which is what lets GDRO show a gain (docs/results.md, "Making alignment visible").
 Held-out prompts (data.prompts.is_heldout with the same seed) never appear in pretraining.
 """
 
