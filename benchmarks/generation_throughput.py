@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from gdro_ray.data.generation import GenerationConfig, GroupGenerator, GroupScorer, generate_groups, pending_prompts
+from gdro_ray.generation import GenerationConfig, GroupGenerator, GroupScorer, generate_groups, pending_prompts
+from gdro_ray.profiles import profile_for
 from gdro_ray.ray_session import init_ray
 
 
@@ -58,8 +59,9 @@ def main():
     torch.set_num_threads(1)  # as each Ray actor gets one CPU, so both sides use the cores alike
 
     with tempfile.TemporaryDirectory() as scratch:
-        settings = dict(task=args.task, model=args.model, num_prompts=args.num_prompts, k=args.k,
-                        num_steps=args.num_steps, prompts_per_batch=args.prompts_per_batch)
+        sampler = profile_for(args.model).sampler.with_overrides(num_steps=args.num_steps)
+        settings = dict(task=args.task, model=args.model, num_prompts=args.num_prompts, k=args.k, sampler=sampler,
+                        prompts_per_batch=args.prompts_per_batch)
         plain = plain_loop(GenerationConfig(**settings, out=str(Path(scratch) / "plain")))
         init_ray()
         pooled = ray_pipeline(GenerationConfig(**settings, out=str(Path(scratch) / "ray"),

@@ -16,11 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gdro_ray.data.prompts import load_prompts
 from gdro_ray.evaluate import generate_images, heldout_seeds
 from gdro_ray.models import load_flow_model
+from gdro_ray.profiles import profile_for
 from gdro_ray.rewards.ocr import OCRReward, RapidOCREngine, ocr_score, ocr_target, upscale_to_min_side
-from gdro_ray.tasks import prompt_set
 from gdro_ray.tiny_world.glyphs import GLYPH_LENGTHS, random_glyph_prompt, render_glyphs
 
 
@@ -28,9 +27,10 @@ def glyph_images(renders: int, prompts: int, images_per_prompt: int) -> dict[str
     rng = random.Random(0)
     records = [random_glyph_prompt(rng, GLYPH_LENGTHS) for _ in range(renders)]
     truth = [render_glyphs(record.metadata["text"], rng) for record in records]
-    heldout = load_prompts(prompt_set("ocr", "tiny"), num_prompts=prompts, seed=0, split="heldout")
-    rows = generate_images(load_flow_model("tiny", device="cpu"), heldout, heldout_seeds(len(heldout), images_per_prompt),
-                           32, 32, 20)
+    tiny = profile_for("tiny")
+    heldout = tiny.prompts("ocr", split="heldout", num_prompts=prompts, seed=0)
+    rows = generate_images(load_flow_model(tiny.weights, device="cpu"), heldout,
+                           heldout_seeds(len(heldout), images_per_prompt), tiny.sampler)
     return {"ground-truth renders": (truth, [record.prompt for record in records]),
             "tiny model samples": ([image for row in rows for image in row],
                                    [p.prompt for p in heldout for _ in range(images_per_prompt)])}

@@ -17,7 +17,7 @@ import time
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
-from gdro_ray.models.tiny_flux import build_tiny_flux_pipeline
+from gdro_ray.tiny_world.model import build_tiny_flux_pipeline
 from gdro_ray.tiny_world.pretrain import TINY_WORLD_MODEL, PretrainConfig, RenderedPrompts, encode_renders, flow_loss
 
 

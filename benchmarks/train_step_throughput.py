@@ -19,8 +19,9 @@ import time
 import torch
 
 from gdro_ray.flow import TimestepSampler, noise_groups, sample_group_noise
-from gdro_ray.models import LoraSpec, load_flow_model
+from gdro_ray.models import LoraSpec, SamplerSettings, load_flow_model
 from gdro_ray.objective import velocity_error
+from gdro_ray.profiles import profile_for
 from gdro_ray.train.step import GDROLossConfig, GroupBatch, gdro_batch_loss
 
 
@@ -29,12 +30,12 @@ def flow_matching_loss(model, batch: GroupBatch, generator) -> torch.Tensor:
     t, eps = sample_group_noise(groups, tuple(batch.latents.shape[2:]), TimestepSampler(), generator)
     x_t, target = noise_groups(batch.latents, t, eps)
     members = batch.prompts.select(torch.arange(groups).repeat_interleave(k))
-    prediction = model.velocity(x_t.flatten(0, 1), t.repeat_interleave(k), members, batch.height, batch.width)
+    prediction = model.velocity(x_t.flatten(0, 1), t.repeat_interleave(k), members, batch.sampler)
     return velocity_error(prediction, target.flatten(0, 1).to(prediction.device)).mean()
 
 
 def measure(variant: str, args) -> dict:
-    model = load_flow_model(args.model, text_encoders=True)
+    model = load_flow_model(profile_for(args.model).weights, text_encoders=True)
     model.add_lora(LoraSpec(rank=args.rank, alpha=args.rank))
     model.set_gradient_checkpointing(args.gradient_checkpointing)
     model.transformer.train()
@@ -43,7 +44,8 @@ def measure(variant: str, args) -> dict:
     tokens = (args.size // (model.vae_scale_factor * 2)) ** 2
     latents = torch.randn(args.groups, args.k, tokens, model.transformer.config.in_channels, generator=generator)
     prompts = model.encode_prompts(["a photo of a red cube"] * args.groups)
-    batch = GroupBatch(latents, torch.rand(args.groups, args.k, generator=generator), prompts, args.size, args.size)
+    batch = GroupBatch(latents, torch.rand(args.groups, args.k, generator=generator), prompts,
+                       SamplerSettings(args.size, args.size, num_steps=28))
     config = GDROLossConfig()
 
     def step():

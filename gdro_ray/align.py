@@ -14,46 +14,44 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from gdro_ray.cli import add_dataclass_arguments, from_arguments, option, values_given
 from gdro_ray.config import TrainConfig, add_arguments, config_from_arguments
-from gdro_ray.data.generation import GenerationConfig, generate_groups, parse_pool, pending_prompts
-from gdro_ray.data.prompts import load_prompts
-from gdro_ray.evaluate import default_judge, evaluate_lora, heldout_seeds
-from gdro_ray.models import TINY, load_flow_model
+from gdro_ray.console import StageConsole
+from gdro_ray.evaluate import HeldOut, evaluate_lora
+from gdro_ray.generation import GenerationConfig, generate_groups, pending_prompts
+from gdro_ray.models import SamplerSettings, load_flow_model
+from gdro_ray.periodic_eval import SETTINGS_FILE, PeriodicEvaluator, build_eval_set, save_eval_set
 from gdro_ray.plots import plot_evaluation_curve, plot_training_curves, read_scalars
+from gdro_ray.profiles import TASKS, profile_for, quality_judge
 from gdro_ray.resource_plan import (
     StagePlan, check_plans, describe_plans, evaluation_plan, generation_plan, read_capacity, run_as_task,
     training_plan, uses_gpus,
 )
-from gdro_ray.tasks import prompt_set
-from gdro_ray.train.periodic_eval import SETTINGS_FILE, build_eval_set, save_eval_set
 from gdro_ray.train.trainer import run_training
-
-TASKS = ("ocr", "geneval")
 
 
 @dataclass
 class AlignSettings:
     """What the align job adds to training: the dataset to generate and the evaluation to run."""
 
-    out: str = ""  # the run directory; default runs/align-TASK
-    num_prompts: int = 96  # training prompts
-    k_gen: int = 8  # images generated per training prompt (training draws k of them)
-    sample_steps: int | None = None  # sampler steps (None: models.default_sampler_steps)
-    size: int | None = None  # image size (None: 32 on the tiny model, 512 otherwise)
-    cfg_scale: float = 1.0  # classifier-free guidance when sampling (dataset and evaluation)
+    out: str = option("", "run directory (default: runs/JOB-TASK)")
+    num_prompts: int = option(96, "training prompts")
+    k_gen: int = option(8, "images generated per training prompt (training draws k of them)")
+    sampler: SamplerSettings | None = option(None, "how to sample, dataset and evaluations (default: the model's)")
     # The final evaluation: its held-out prompts (as many as the set holds, up to this), and its images spread
     # evenly over them. Many prompts before many seeds: a LoRA's gain can differ between kinds of prompt (on
     # glyphs it is mostly on single letters), and the standard error of the paired change shrinks with images.
-    eval_prompts: int = 96
-    eval_images: int = 384
-    train_eval_prompts: int = 8  # held-out prompts evaluated during training (a subset: it runs often)
-    train_eval_images_per_prompt: int = 4
-    judge_url: str | None = None
-    judge_token_env: str | None = None
-    judge_model: str | None = None
-    generation_actors: tuple[int, int] = (1, 1)
-    scoring_actors: tuple[int, int] = (1, 1)
-    gpus_per_generator: float | None = None  # None: 1 when the cluster has or can get GPUs
+    eval_prompts: int = option(96, "held-out prompts of the final evaluation")
+    eval_images: int = option(384, "images of the final evaluation, spread evenly over its held-out prompts")
+    train_eval_prompts: int = option(8, "held-out prompts evaluated every --eval-every steps during training")
+    train_eval_images_per_prompt: int = option(4, "images per held-out prompt during training")
+    judge_url: str | None = option(None, "a quality judge server (gdro_ray/rewards/http_judge.py)")
+    judge_token_env: str | None = option(None, "environment variable holding the judge's token")
+    judge_model: str | None = option(None, "a vision-language judge: hub id or local directory")
+    generation_actors: tuple[int, int] = option((1, 1), "MIN,MAX generation actors", pair_from_one=True)
+    scoring_actors: tuple[int, int] = option((1, 1), "MIN,MAX scoring actors", pair_from_one=True)
+    gpus_per_generator: float | None = option(None, "default: 1 if the cluster has GPUs, or declares it can get "
+                                                    "them (GDRO_CLUSTER_MAX_RESOURCES, see cluster/README.md)")
 
     def __post_init__(self):
         for name in ("num_prompts", "k_gen", "eval_prompts", "eval_images", "train_eval_prompts",
@@ -70,7 +68,7 @@ class AlignSettings:
                              "lower --k or raise --k-gen")
 
     def judge(self) -> dict:
-        """Keyword arguments of evaluate.default_judge."""
+        """Keyword arguments of profiles.quality_judge."""
         return {"judge_url": self.judge_url, "token_env": self.judge_token_env, "judge_model": self.judge_model}
 
 
@@ -91,7 +89,7 @@ def run_align(train: TrainConfig, settings: AlignSettings, log=print) -> dict:
     if (lora / "config.yaml").is_file():
         log(f"[align] training: complete in {lora}, skipped")
     else:
-        run_training(train, log=log)
+        run_training(train, evaluator=PeriodicEvaluator(train.eval_set) if train.eval_set else None, log=log)
 
     tensorboard = train.run_directory / "tensorboard"
     plot_training_curves(tensorboard, run / "training_curves.png")
@@ -100,12 +98,14 @@ def run_align(train: TrainConfig, settings: AlignSettings, log=print) -> dict:
         steps, rewards = scalars["eval/reward"]
         plot_evaluation_curve(steps, rewards, scalars["eval/corrected"][1], run / "eval_curve.png")
 
-    judge = default_judge(train.model, **settings.judge())
-    sampler = generation_config(train, settings, run).sampler()
-    summary = run_as_task(evaluation, evaluate_lora, train.task, train.model, lora, run / "eval", judge,
-                          num_prompts=settings.eval_prompts, images_per_prompt=final_images_per_prompt(train, settings),
-                          seed=train.seed, size=sampler["height"], num_steps=sampler["num_steps"],
-                          cfg_scale=settings.cfg_scale, log=log)
+    held_out = HeldOut.of_dataset(train.data)  # the reward, sampler and prompt source the groups were made with
+    judge = quality_judge(train.model, **settings.judge())
+    prompts = len(held_out.prompts(settings.eval_prompts))
+    with StageConsole(2 * prompts, "evaluate base, aligned", "prompt") as console:
+        summary = run_as_task(evaluation, evaluate_lora, held_out, lora, run / "eval", judge,
+                              num_prompts=settings.eval_prompts,
+                              images_per_prompt=math.ceil(settings.eval_images / prompts), progress=console.remote,
+                              log=log)
     pictures = [str(path) for path in (run / "eval" / "comparison.png", run / "training_curves.png",
                                        run / "eval_curve.png") if path.is_file()]
     summary = {**summary, "pictures": pictures}
@@ -125,77 +125,42 @@ def prepare_data(train: TrainConfig, settings: AlignSettings, run: Path, evaluat
     else:
         log(f"[align] groups: complete in {generation.out}, skipped")
     if train.eval_every and not (run / "eval_set" / SETTINGS_FILE).is_file():
-        run_as_task(evaluation, _write_eval_set, train, settings, generation, run / "eval_set", log=log)
+        run_as_task(evaluation, _write_eval_set, train, settings, HeldOut.of_dataset(generation.out),
+                    run / "eval_set", log=log)
     return dataclasses.replace(train, data=generation.out, eval_set=str(run / "eval_set") if train.eval_every else "")
-
-
-def final_images_per_prompt(train: TrainConfig, settings: AlignSettings) -> int:
-    """Images per held-out prompt for settings.eval_images in all, over the prompts the set holds."""
-    prompts = load_prompts(prompt_set(train.task, train.model), num_prompts=settings.eval_prompts, seed=train.seed,
-                           split="heldout")
-    return math.ceil(settings.eval_images / len(prompts))
 
 
 def generation_config(train: TrainConfig, settings: AlignSettings, run: Path) -> GenerationConfig:
     return GenerationConfig(
         task=train.task, model=train.model, revision=train.revision, seed=train.seed, k=settings.k_gen,
-        height=settings.size, width=settings.size, num_steps=settings.sample_steps, cfg_scale=settings.cfg_scale,
-        num_prompts=settings.num_prompts, out=str(run / "groups"), generation_actors=settings.generation_actors,
-        scoring_actors=settings.scoring_actors, gpus_per_generator=settings.gpus_per_generator,
+        sampler=settings.sampler, num_prompts=settings.num_prompts, out=str(run / "groups"),
+        generation_actors=settings.generation_actors, scoring_actors=settings.scoring_actors,
+        gpus_per_generator=settings.gpus_per_generator,
     )
 
 
-def _write_eval_set(train: TrainConfig, settings: AlignSettings, generation: GenerationConfig, out: Path) -> None:
-    prompts = load_prompts(prompt_set(train.task, train.model), num_prompts=settings.train_eval_prompts,
-                           seed=train.seed, split="heldout")
-    model = load_flow_model(train.model, device="cpu", revision=train.revision)
-    seeds = heldout_seeds(len(prompts), settings.train_eval_images_per_prompt)
-    eval_set = build_eval_set(model, train.task, train.model, prompts, seeds, generation.height, generation.width,
-                              generation.num_steps, settings.cfg_scale, settings.judge())
+def _write_eval_set(train: TrainConfig, settings: AlignSettings, held_out: HeldOut, out: Path) -> None:
+    model = load_flow_model(profile_for(train.model).weights, device="cpu", revision=train.revision)
+    eval_set = build_eval_set(model, held_out, settings.train_eval_prompts, settings.train_eval_images_per_prompt,
+                              settings.judge())
     save_eval_set(eval_set, out)
 
 
-def default_preset(model: str) -> str:
-    """The tiny world's own settings on the embedded model, the paper's elsewhere."""
-    return "tiny" if model == TINY else "paper"
-
-
 def add_align_arguments(parser: argparse.ArgumentParser) -> None:
-    """TrainConfig's flags (with --preset and --config), then AlignSettings' own."""
+    """TrainConfig's flags (with --preset and --config), the sampler's, then AlignSettings' own."""
     add_arguments(parser)
-    defaults = AlignSettings()
-    group = parser.add_argument_group("dataset and evaluation")
-    group.add_argument("--out", default="", help="run directory (default: runs/JOB-TASK)")
-    group.add_argument("--num-prompts", type=int, default=defaults.num_prompts, help="training prompts")
-    group.add_argument("--k-gen", type=int, default=defaults.k_gen, help="images generated per training prompt")
-    group.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: 20 tiny, 28 otherwise)")
-    group.add_argument("--size", type=int, default=None, help="image size (default: 32 tiny, 512 otherwise)")
-    group.add_argument("--cfg-scale", type=float, default=defaults.cfg_scale, help="classifier-free guidance (1: off)")
-    group.add_argument("--eval-prompts", type=int, default=defaults.eval_prompts, help="held-out prompts at the end")
-    group.add_argument("--eval-images", type=int, default=defaults.eval_images,
-                       help="images of the final evaluation, spread evenly over its held-out prompts")
-    group.add_argument("--train-eval-prompts", type=int, default=defaults.train_eval_prompts,
-                       help="held-out prompts evaluated every --eval-every steps during training")
-    group.add_argument("--train-eval-images-per-prompt", type=int, default=defaults.train_eval_images_per_prompt)
-    group.add_argument("--judge-url", default=None, help="a quality judge server (gdro_ray/rewards/http_judge.py)")
-    group.add_argument("--judge-token-env", default=None, help="environment variable holding the judge's token")
-    group.add_argument("--judge-model", default=None, help="a vision-language judge: hub id or local directory")
-    group.add_argument("--generation-actors", type=parse_pool, default=defaults.generation_actors, help="MIN,MAX")
-    group.add_argument("--scoring-actors", type=parse_pool, default=defaults.scoring_actors, help="MIN,MAX")
-    group.add_argument("--gpus-per-generator", type=float, default=None,
-                       help="default: 1 if the cluster has GPUs, or declares it can get them "
-                            "(GDRO_CLUSTER_MAX_RESOURCES, see cluster/README.md)")
+    add_dataclass_arguments(parser.add_argument_group("sampler (default: the model's own)"), SamplerSettings)
+    add_dataclass_arguments(parser.add_argument_group("dataset and evaluation"), AlignSettings, skip=("sampler",))
 
 
 def align_from_arguments(parser: argparse.ArgumentParser, args) -> tuple[TrainConfig, AlignSettings]:
     """Both configs from parsed flags; a bad value stops the parser with a message naming it."""
-    args.task, args.model = args.task or "ocr", args.model or TINY
-    if args.task not in TASKS:
+    if args.task not in (None, *TASKS):
         parser.error(f"--task must be one of {TASKS}, got {args.task!r}")
-    args.preset = args.preset or default_preset(args.model)
     try:
         train = config_from_arguments(args)
-        settings = AlignSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AlignSettings)})
+        sampler = profile_for(train.model).sampler.with_overrides(**values_given(args, SamplerSettings))
+        settings = from_arguments(args, AlignSettings, skip=("sampler",), sampler=sampler)
         settings.check_group_size(train.k)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import yaml
 
+from gdro_ray.cli import add_dataclass_arguments, base_type, values_given
 from gdro_ray.flow import TIMESTEP_SAMPLERS
-from gdro_ray.models import TINY
 from gdro_ray.objective import REDUCTIONS
+from gdro_ray.profiles import DEFAULT_MODEL, preset_values, profile_for
 
 PRECISIONS = ("auto", "bf16", "fp32")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -26,7 +27,7 @@ class TrainConfig:
     # -- data and model
     data: str = field(default="", metadata={"help": "group dataset directory (jobs/generate.py --out)"})
     task: str = field(default="ocr", metadata={"help": "the task the dataset was made for (selects its preset)"})
-    model: str = field(default=TINY, metadata={"help": "'tiny', a diffusers FLUX directory, or a hub id"})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "'tiny', a diffusers FLUX directory, or a hub id"})
     revision: str | None = field(default=None, metadata={"help": "hub revision of --model"})
     # -- the GDRO objective (paper eq. 6 and the top-1 term)
     k: int = field(default=6, metadata={"help": "group size drawn from each stored group of k_gen images"})
@@ -66,7 +67,7 @@ class TrainConfig:
     checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
     log_every: int = field(default=1, metadata={"help": "steps between metric reports"})
     # -- held-out evaluation during training
-    eval_set: str = field(default="", metadata={"help": "an evaluation set directory (train.periodic_eval)"})
+    eval_set: str = field(default="", metadata={"help": "an evaluation set directory (gdro_ray.periodic_eval)"})
     eval_every: int = field(default=0, metadata={"help": "steps between held-out evaluations (0: none)"})
 
     def __post_init__(self):
@@ -77,13 +78,15 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.k < 2:
             raise ValueError(f"k must be >= 2 to rank a group, got {self.k}")
+        for name in ("beta", "tau", "lr", "cpus_per_worker", "reader_cpus"):
+            if not getattr(self, name) > 0:  # also refuses NaN
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.gamma >= 0:
+            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
         for name, allowed in (("reduction", REDUCTIONS), ("timesteps", TIMESTEP_SAMPLERS), ("precision", PRECISIONS),
                               ("lr_schedule", LR_SCHEDULES), ("strategy", STRATEGIES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("cpus_per_worker", "reader_cpus"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         if self.zero_stage not in (2, 3):
@@ -96,33 +99,6 @@ class TrainConfig:
     @property
     def run_directory(self) -> Path:
         return Path(self.storage_path).resolve() / self.name
-
-
-# The paper's settings (GDRO, section 4): beta read on the mean over latent elements, which is how
-# public flow-DPO code reduces it; the tiny-world study in docs/results.md found beta ~ 10 best there too.
-PRESETS: dict[str, dict[str, dict]] = {
-    "paper": {
-        "ocr": dict(tau=0.05, gamma=0.5, beta=12.0, k=6, steps=300, lr=3e-4, lora_rank=32, lora_alpha=32.0),
-        "geneval": dict(tau=0.05, gamma=1.0, beta=6.0, k=6, steps=700, lr=3e-4, lora_rank=32, lora_alpha=32.0),
-    },
-    # The embedded tiny model: sized so that the whole align job fits 15 minutes on 2 CPU cores. GenEval
-    # takes the paper's GenEval beta and gamma (6, 1.0), which did at least as well here as 10 and 0.5.
-    # Two workers of 0.75 CPU and the data reader's 0.25 fit 2 cores (a worker under 2 CPUs runs one thread).
-    # A report every 10 steps: on 2 cores each ray.train.report cost ~1.5 s, three times the step itself.
-    "tiny": {
-        task: dict(tau=0.05, gamma=gamma, beta=beta, k=6, steps=300, lr=5e-4, lora_rank=16, lora_alpha=16.0,
-                   groups_per_step=4, checkpoint_every=100, eval_every=100, cpus_per_worker=0.75, log_every=10)
-        for task, beta, gamma in (("ocr", 10.0, 0.5), ("geneval", 6.0, 1.0))
-    },
-}
-
-
-def preset_values(preset: str, task: str) -> dict:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
-    if task not in PRESETS[preset]:
-        raise ValueError(f"preset {preset!r} has no settings for task {task!r}; it has {sorted(PRESETS[preset])}")
-    return dict(PRESETS[preset][task])
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -151,29 +127,20 @@ def save_yaml(config: TrainConfig, path: str | Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, plus --preset and --config; defaults stay unset (None)."""
-    parser.add_argument("--preset", default=None, help=f"named settings per task: {sorted(PRESETS)}")
+    parser.add_argument("--preset", default=None,
+                        help="named settings per task: 'paper', 'tiny' (default: the model's own)")
     parser.add_argument("--config", default=None, help="a YAML file of field: value")
-    hints = typing.get_type_hints(TrainConfig)
-    for item in dataclasses.fields(TrainConfig):
-        flag = "--" + item.name.replace("_", "-")
-        base = _base_type(hints[item.name])
-        kind = parse_bool if base is bool else base
-        parser.add_argument(flag, dest=item.name, type=kind, default=None,
-                            help=f"{item.metadata.get('help', '')} (default: {item.default})")
+    add_dataclass_arguments(parser, TrainConfig)
 
 
 def config_from_arguments(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < preset < YAML < flags."""
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+    """Defaults < preset (default: the model's own) < YAML < flags."""
+    flags = values_given(args, TrainConfig)
     from_file = read_yaml(args.config) if args.config else {}
     task = flags.get("task", from_file.get("task", TrainConfig.task))
-    preset = preset_values(args.preset, task) if args.preset else {}
+    model = flags.get("model", from_file.get("model", TrainConfig.model))
+    preset = preset_values(args.preset or profile_for(model).preset, task)
     return build_config({**preset, **from_file, **flags})
-
-
-def _base_type(hint):
-    options = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-    return options[0] if options else hint
 
 
 def _checked(name: str, value, hint):
@@ -181,18 +148,9 @@ def _checked(name: str, value, hint):
         if type(None) in typing.get_args(hint):
             return None
         raise ValueError(f"config field {name!r} may not be empty")
-    base = _base_type(hint)
+    base = base_type(hint)
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
         raise ValueError(f"config field {name!r} expects {base.__name__}, got {type(value).__name__} {value!r}")
     return value
-
-
-def parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")

@@ -7,14 +7,19 @@ from base to aligned (with standard errors), and pictured.
 
 import csv
 import json
+import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
-from gdro_ray.data.prompts import PromptRecord, load_prompts
+from gdro_ray.console import StageProgress
+from gdro_ray.data.manifest import read_dataset_manifest
+from gdro_ray.data.prompts import PromptRecord
 from gdro_ray.data.records import tensor_to_image
-from gdro_ray.models.base import FlowModel, PromptEmbeddings
+from gdro_ray.models import FlowModel, PromptEmbeddings, SamplerSettings, load_flow_model
+from gdro_ray.profiles import profile_for
+from gdro_ray.rewards import build_reward
 from gdro_ray.rewards.base import Reward, score_safely
 from gdro_ray.rewards.quality import QualityJudge, corrected_score
 
@@ -34,6 +39,41 @@ def heldout_seeds(num_prompts: int, images_per_prompt: int) -> list[list[int]]:
     return [[first + i * images_per_prompt + j for j in range(images_per_prompt)] for i in range(num_prompts)]
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """What an evaluation draws and how it scores: the held-out split of a task's prompts (or of a prompt
+    file) for a model, sampled with `sampler` and scored with the reward spec `reward`. Read from a group
+    dataset's manifest, it is what the dataset was made with."""
+
+    task: str
+    model: str
+    seed: int
+    sampler: SamplerSettings
+    reward: dict
+    prompt_file: str | None = None
+
+    @classmethod
+    def of_task(cls, task: str, model: str, seed: int = 0, sampler: SamplerSettings | None = None) -> "HeldOut":
+        """The model's own defaults for a task."""
+        profile = profile_for(model)
+        return cls(task, model, seed, sampler or profile.sampler, profile.reward_spec(task))
+
+    @classmethod
+    def of_dataset(cls, directory: str | Path) -> "HeldOut":
+        """The prompts, sampler and reward a group dataset was made with."""
+        manifest = read_dataset_manifest(directory)
+        identity, prompt_file = manifest["identity"], manifest.get("prompt_file")
+        if identity["prompt_file"] is not None and not (prompt_file and Path(prompt_file).is_file()):
+            raise FileNotFoundError(f"the dataset in {str(directory)!r} was made from the prompt file "
+                                    f"{prompt_file!r}, which is no longer there")
+        return cls(identity["task"], identity["model"], identity["seed"], SamplerSettings.from_dict(identity["sampler"]),
+                   identity["reward"], prompt_file)
+
+    def prompts(self, num_prompts: int | None) -> list[PromptRecord]:
+        return profile_for(self.model).prompts(self.task, split="heldout", num_prompts=num_prompts, seed=self.seed,
+                                               prompt_file=self.prompt_file)
+
+
 @dataclass
 class ImageScore:
     prompt_id: str
@@ -44,17 +84,20 @@ class ImageScore:
     quality: float
 
 
-def generate_images(model: FlowModel, prompts: list[PromptRecord], seeds: list[list[int]], height: int, width: int,
-                    num_steps: int, embeddings: PromptEmbeddings | None = None) -> list[list[Image.Image]]:
-    """One row of images per prompt, one image per seed of its row of `seeds` (embeddings: the prompts', if
-    already encoded)."""
+def generate_images(model: FlowModel, prompts: list[PromptRecord], seeds: list[list[int]], sampler: SamplerSettings,
+                    embeddings: PromptEmbeddings | None = None, unconditional: PromptEmbeddings | None = None,
+                    progress: StageProgress | None = None) -> list[list[Image.Image]]:
+    """One row of images per prompt, one image per seed of its row of `seeds` (embeddings: the prompts', and
+    unconditional: the empty prompt's, if already encoded; progress: advanced by each prompt done)."""
     if len(seeds) != len(prompts):
         raise ValueError(f"seeds must hold one row per prompt: {len(prompts)} prompts, {len(seeds)} rows")
     embeddings = embeddings if embeddings is not None else model.encode_prompts([p.prompt for p in prompts])
     rows = []
     for index, prompt_seeds in enumerate(seeds):
-        group = model.generate(embeddings.select([index]), prompt_seeds, height, width, num_steps)
+        group = model.generate(embeddings.select([index]), prompt_seeds, sampler, unconditional)
         rows.append([tensor_to_image(image) for image in group.images])
+        if progress is not None:
+            progress.advance()
     return rows
 
 
@@ -117,92 +160,74 @@ def write_results(directory: str | Path, name: str, scores: list[ImageScore], su
         writer.writerows(records)
 
 
-def comparison_grid(base: list[list[Image.Image]], aligned: list[list[Image.Image]], scale: int = 4) -> Image.Image:
-    """One row per prompt: the base model's images, a gap, the aligned model's from the same seeds."""
+LABEL_WIDTH = 36  # characters of prompt text per line of a row's label
+
+
+def comparison_grid(base: list[list[Image.Image]], aligned: list[list[Image.Image]], prompts: list[str],
+                    scale: int = 4) -> Image.Image:
+    """One row per prompt: its text, the base model's images, a gap, the aligned model's from the same seeds."""
     if len(base) != len(aligned) or any(len(a) != len(b) for a, b in zip(base, aligned)):
         raise ValueError("base and aligned images must come from the same prompts and seeds")
+    if len(prompts) != len(base):
+        raise ValueError(f"one prompt per row: {len(base)} rows, {len(prompts)} prompts")
     width, height = base[0][0].size
-    columns, gap = len(base[0]), width // 2
-    grid = Image.new("RGB", ((2 * columns * width + gap) * scale, len(base) * height * scale), (255, 255, 255))
-    for row, (left, right) in enumerate(zip(base, aligned)):
+    columns, gap, row_height = len(base[0]), width // 2 * scale, height * scale
+    font = ImageFont.load_default(size=max(10, row_height // 9))
+    label = int(font.getlength("x" * LABEL_WIDTH)) + 8
+    grid = Image.new("RGB", (label + 2 * columns * width * scale + gap, len(base) * row_height), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for row, (prompt, left, right) in enumerate(zip(prompts, base, aligned)):
+        draw.multiline_text((4, row * row_height + 4), "\n".join(textwrap.wrap(prompt, LABEL_WIDTH)[:8]),
+                            fill=(0, 0, 0), font=font)
         for column, image in enumerate(left + right):
-            x = column * width + (gap if column >= columns else 0)
-            grid.paste(image.resize((width * scale, height * scale), Image.NEAREST), (x * scale, row * height * scale))
-    ImageDraw.Draw(grid).line([(columns * width + gap // 2) * scale, 0, (columns * width + gap // 2) * scale,
-                               grid.height], fill=(128, 128, 128), width=max(1, scale // 2))
+            x = label + column * width * scale + (gap if column >= columns else 0)
+            grid.paste(image.resize((width * scale, row_height), Image.NEAREST), (x, row * row_height))
+    middle = label + columns * width * scale + gap // 2
+    draw.line([middle, 0, middle, grid.height], fill=(128, 128, 128), width=max(1, scale // 2))
     return grid
-
-
-def default_judge(model_name: str, judge_url: str | None = None, token_env: str | None = None,
-                  judge_model: str | None = None) -> QualityJudge:
-    """The HTTP judge when a URL is given, a vision-language judge when a judge model (hub id or directory) is,
-    else the tiny world's judge for the tiny model."""
-    from gdro_ray.models import TINY
-    from gdro_ray.rewards.http_judge import HTTPJudge
-
-    if judge_url and judge_model:
-        raise ValueError("pass a judge URL or a judge model, not both")
-    if judge_url:
-        return HTTPJudge(judge_url, token_env=token_env)
-    if judge_model:
-        from gdro_ray.rewards.vlm_judge import VLMJudge  # loads its model lazily, on the first rating
-
-        return VLMJudge(judge_model)
-    if model_name == TINY:
-        from gdro_ray.tiny_world.judge import TinyWorldJudge
-
-        return TinyWorldJudge()
-    raise ValueError("a real model needs a quality judge: pass --judge-url (a scoring server, see README) "
-                     "or a judge model")
 
 
 def format_table(summary: dict) -> str:
     lines = [f"{'':10}{'reward':>8}{'quality':>9}{'corrected':>11}"]
     lines += [f"{name:10}{summary[name]['reward']:>8.3f}{summary[name]['quality']:>9.2f}"
               f"{summary[name]['corrected']:>11.3f}" for name in ("base", "aligned")]
-    if "change" in summary:
-        change = summary["change"]
-        reward, quality = change["reward"], change["quality"]
-        lines.append(f"change: reward {reward['mean']:+.3f} +- {reward['standard_error']:.3f}, quality "
-                     f"{quality['mean']:+.2f} +- {quality['standard_error']:.2f} (paired over {change['images']} "
-                     f"images, +- one standard error; {change['reward_changed']} changed reward)")
+    change = summary["change"]
+    reward, quality = change["reward"], change["quality"]
+    lines.append(f"change: reward {reward['mean']:+.3f} +- {reward['standard_error']:.3f}, quality "
+                 f"{quality['mean']:+.2f} +- {quality['standard_error']:.2f} (paired over {change['images']} "
+                 f"images, +- one standard error; {change['reward_changed']} changed reward)")
     return "\n".join(lines)
 
 
-def evaluate_lora(task: str, model_name: str, lora: str | Path, out: str | Path, judge: QualityJudge, *,
-                  num_prompts: int = 32, images_per_prompt: int = 4, seed: int = 0, size: int | None = None,
-                  num_steps: int | None = None, cfg_scale: float = 1.0) -> dict:
-    """Base against aligned on the task's held-out prompts, same seeds, with the paired change between them;
-    writes results and comparison.png.
+def evaluate_lora(held_out: HeldOut, lora: str | Path, out: str | Path, judge: QualityJudge, *,
+                  num_prompts: int = 32, images_per_prompt: int = 4, progress: StageProgress | None = None) -> dict:
+    """Base against aligned on held-out prompts, same seeds, with the paired change between them; writes
+    results and comparison.png. progress: advanced by each prompt sampled, base and aligned.
 
     A finished evaluation (its summary.json) is read back instead of being run again.
     """
-    from gdro_ray.models import default_image_size, default_sampler_steps, load_flow_model
-    from gdro_ray.rewards import build_reward
-    from gdro_ray.tasks import prompt_set, reward_for_task
-
     out = Path(out)
     if (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
-    size = size or default_image_size(model_name)
-    num_steps = num_steps or default_sampler_steps(model_name)
-    reward = build_reward(reward_for_task(task, model_name))
-    prompts = load_prompts(prompt_set(task, model_name), num_prompts=num_prompts, seed=seed, split="heldout")
+    reward = build_reward(held_out.reward)
+    prompts = held_out.prompts(num_prompts)
+    if not prompts:
+        raise ValueError(f"no held-out prompts for task {held_out.task!r} (prompt file: {held_out.prompt_file})")
     seeds = heldout_seeds(len(prompts), images_per_prompt)
-    model = load_flow_model(model_name)
-    model.cfg_scale = cfg_scale
-    images = {"base": generate_images(model, prompts, seeds, size, size, num_steps)}
+    model = load_flow_model(profile_for(held_out.model).weights)
+    images = {"base": generate_images(model, prompts, seeds, held_out.sampler, progress=progress)}
     model.load_lora(lora)  # the same model, so a real checkpoint is held once
-    images["aligned"] = generate_images(model, prompts, seeds, size, size, num_steps)
+    images["aligned"] = generate_images(model, prompts, seeds, held_out.sampler, progress=progress)
     summary, scores = {}, {}
     for name, rows in images.items():
-        scores[name] = score_images(reward, judge, prompts, seeds, rows, task)
+        scores[name] = score_images(reward, judge, prompts, seeds, rows, held_out.task)
         summary[name] = summarise(scores[name])
         write_results(out, name, scores[name], summary[name])
     summary["change"] = paired_change(scores["base"], scores["aligned"])
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     shown = {name: [row[:GRID_IMAGES_PER_PROMPT] for row in rows[:GRID_PROMPTS]] for name, rows in images.items()}
-    comparison_grid(shown["base"], shown["aligned"]).save(out / "comparison.png")
+    comparison_grid(shown["base"], shown["aligned"], [p.prompt for p in prompts[:GRID_PROMPTS]]).save(
+        out / "comparison.png")
     return summary
 
 

@@ -26,9 +26,13 @@ from ray.train import Checkpoint
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
+from tqdm import tqdm
 
 from gdro_ray.align import AlignSettings, generation_config, prepare_data
+from gdro_ray.cli import option
 from gdro_ray.config import TrainConfig, build_config
+from gdro_ray.console import metric_line
+from gdro_ray.periodic_eval import PeriodicEvaluator
 from gdro_ray.resource_plan import (
     TRIAL_DRIVER_CPUS, ClusterCapacity, check_plans, cluster_ready_for, describe_plans, evaluation_plan,
     generation_plan, read_capacity, sweep_plan, uses_gpus,
@@ -42,16 +46,16 @@ STOPPED_TRIAL_CLEANUP_S = 15  # well inside Train's 60 s wait for a worker group
 
 @dataclass
 class SweepSettings:
-    num_samples: int = 8  # trials, the preset's included
-    max_concurrent_trials: int = 1  # trials at once; each takes num_workers training workers
-    grace_period: int = 50  # steps before ASHA may stop a trial
-    reduction_factor: int = 3  # ASHA keeps the best 1/reduction_factor at each rung
-    beta: tuple[float, float] = (2.0, 50.0)  # log-uniform ranges, and the choices of k
-    tau: tuple[float, float] = (0.01, 0.5)
-    gamma: tuple[float, float] = (0.0, 1.0)  # uniform
-    lr: tuple[float, float] = (1e-4, 3e-3)
-    k: tuple[int, ...] = (2, 4, 6)
-    seed: int = 0
+    num_samples: int = option(8, "trials, the preset's included")
+    max_concurrent_trials: int = option(1, "trials at once; each takes num_workers training workers")
+    grace_period: int = option(50, "steps before ASHA may stop a trial")
+    reduction_factor: int = option(3, "ASHA keeps the best 1/reduction_factor at each rung")
+    beta_range: tuple[float, float] = option((2.0, 50.0), "LOW,HIGH of beta, log-uniform")
+    tau_range: tuple[float, float] = option((0.01, 0.5), "LOW,HIGH of tau, log-uniform")
+    gamma_range: tuple[float, float] = option((0.0, 1.0), "LOW,HIGH of gamma, uniform")
+    lr_range: tuple[float, float] = option((1e-4, 3e-3), "LOW,HIGH of the learning rate, log-uniform")
+    k_choices: tuple[int, ...] = option((2, 4, 6), "K,K,... the group sizes to try")
+    sweep_seed: int = option(0, "seed of the search")
 
     def __post_init__(self):
         if self.num_samples < 1 or self.max_concurrent_trials < 1:
@@ -59,16 +63,17 @@ class SweepSettings:
         if self.grace_period < 1 or self.reduction_factor < 2:
             raise ValueError("grace_period must be >= 1 and reduction_factor >= 2")
         for name in ("beta", "tau", "gamma", "lr"):
-            bounds = getattr(self, name)
+            bounds = getattr(self, f"{name}_range")
             lowest = 0.0 if name == "gamma" else 1e-12  # log-uniform ranges must stay above zero
             if len(bounds) != 2 or not lowest <= bounds[0] <= bounds[1]:
                 raise ValueError(f"{name} range must be LOW,HIGH with {lowest:g} <= LOW <= HIGH, got {bounds}")
-        if not self.k or min(self.k) < 2:
-            raise ValueError(f"k choices must be >= 2 (a group to rank), got {self.k}")
+        if not self.k_choices or min(self.k_choices) < 2:
+            raise ValueError(f"k choices must be >= 2 (a group to rank), got {self.k_choices}")
 
     def param_space(self) -> dict:
-        return {"beta": tune.loguniform(*self.beta), "tau": tune.loguniform(*self.tau),
-                "gamma": tune.uniform(*self.gamma), "lr": tune.loguniform(*self.lr), "k": tune.choice(list(self.k))}
+        return {"beta": tune.loguniform(*self.beta_range), "tau": tune.loguniform(*self.tau_range),
+                "gamma": tune.uniform(*self.gamma_range), "lr": tune.loguniform(*self.lr_range),
+                "k": tune.choice(list(self.k_choices))}
 
 
 def concurrent_trials(train: TrainConfig, sweep: SweepSettings, capacity: ClusterCapacity, log=print) -> int:
@@ -91,7 +96,7 @@ def run_sweep(train: TrainConfig, align: AlignSettings, sweep: SweepSettings, lo
     Rerun with the same output directory to resume an interrupted sweep."""
     if train.eval_every < 1:
         raise ValueError("a sweep stops trials on held-out scores: set eval_every >= 1")
-    align.check_group_size(max(sweep.k))
+    align.check_group_size(max(sweep.k_choices))
     run = Path(align.out or f"runs/sweep-{train.task}").resolve()
     capacity = read_capacity()
     use_gpu = uses_gpus(train.use_gpu, capacity)
@@ -112,6 +117,7 @@ def run_sweep(train: TrainConfig, align: AlignSettings, sweep: SweepSettings, lo
         # from their last checkpoint, errored ones get their retry. The sweep settings are the first run's.
         log(f"resuming the sweep in {experiment} (its search space and settings are the first run's)")
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True, param_space=sweep.param_space())
+        # The console callback comes back with the experiment's run config.
         with cluster_ready_for(plans[2], log):
             return _summarise(tuner.fit(), train, run)
     scheduler = ASHAScheduler(time_attr="step", max_t=train.steps, grace_period=min(sweep.grace_period, train.steps),
@@ -124,12 +130,13 @@ def run_sweep(train: TrainConfig, align: AlignSettings, sweep: SweepSettings, lo
             metric=METRIC, mode="max", scheduler=scheduler, num_samples=sweep.num_samples,
             # The generator limits concurrency itself (TuneConfig's max_concurrent_trials skips generators):
             # trials beyond what the cluster holds would wait on each other's workers and hang.
-            search_alg=BasicVariantGenerator(points_to_evaluate=[preset], random_state=sweep.seed,
+            search_alg=BasicVariantGenerator(points_to_evaluate=[preset], random_state=sweep.sweep_seed,
                                              max_concurrent=concurrent),
         ),
         # A trial that fails (its own Train retries are off) is retried once, never forever.
-        run_config=tune.RunConfig(name=experiment.name, storage_path=str(run),
-                                  failure_config=tune.FailureConfig(max_failures=1)),
+        run_config=tune.RunConfig(name=experiment.name, storage_path=str(run), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=1),
+                                  callbacks=[SweepConsole(sweep.num_samples, train.steps)]),
     )
     with cluster_ready_for(plans[2], log):
         return _summarise(tuner.fit(), train, run)
@@ -153,11 +160,46 @@ def _summarise(results, train: TrainConfig, run: Path) -> dict:
     return settings
 
 
+class SweepConsole(tune.Callback):
+    """The sweep's console: a bar over trials, and a line per trial result with its held-out score."""
+
+    def __init__(self, trials: int, steps: int):
+        self.trials, self.steps, self.bar = trials, steps, None
+
+    def __getstate__(self) -> dict:  # Tune stores its callbacks with the experiment; the bar stays here
+        return {**self.__dict__, "bar": None}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if METRIC in result:
+            self._bar().write(f"trial {trial.trial_id}: " + metric_line(result.get("step", 0), self.steps, result))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._finished(trials)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finished(trials)
+
+    def on_experiment_end(self, trials, **info):
+        if self.bar is not None:
+            self.bar.close()
+
+    def _finished(self, trials) -> None:
+        bar = self._bar()
+        bar.n = sum(trial.status in ("TERMINATED", "ERROR") for trial in trials)
+        scores = [t.last_result[METRIC] for t in trials if METRIC in (t.last_result or {})]
+        bar.set_postfix_str(f"best {METRIC} {max(scores):.4g}" if scores else "")
+
+    def _bar(self) -> tqdm:
+        if self.bar is None:
+            self.bar = tqdm(total=self.trials, desc="sweep", unit="trial", dynamic_ncols=True)
+        return self.bar
+
+
 def _trial(values: dict, base: dict) -> None:
-    name = f"trial-{tune.get_context().get_trial_id()}"
+    config = build_config({**base, **values, "name": f"trial-{tune.get_context().get_trial_id()}"})
     # The sweep made sure of the cluster for all its trials at once; a trial does not ask again.
-    run_training(build_config({**base, **values, "name": name}), callbacks=[TuneReportCallback()],
-                 wait_for_cluster=False)
+    run_training(config, evaluator=PeriodicEvaluator(config.eval_set), callbacks=[TuneReportCallback()],
+                 wait_for_cluster=False, console=False)
 
 
 def _result_rows(results, steps: int) -> list[dict]:

@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from gdro_ray.align import add_align_arguments, align_from_arguments, run_align
+from gdro_ray.console import add_verbose_argument, set_verbose
 from gdro_ray.evaluate import format_table
 from gdro_ray.ray_session import init_ray
 from gdro_ray.resource_plan import ResourcePlanError
@@ -22,7 +23,10 @@ from gdro_ray.resource_plan import ResourcePlanError
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_align_arguments(parser)
-    return align_from_arguments(parser, parser.parse_args(argv))
+    add_verbose_argument(parser)
+    args = parser.parse_args(argv)
+    set_verbose(args.verbose)
+    return align_from_arguments(parser, args)
 
 
 def main(argv=None) -> dict:

@@ -8,25 +8,18 @@ The result (a diffusers FluxPipeline directory with recipe.json) replaces the sh
 """
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import torch
 
-from gdro_ray.config import parse_bool
+from gdro_ray.cli import add_dataclass_arguments, from_arguments
 from gdro_ray.tiny_world import PRETRAINED_DIR
 from gdro_ray.tiny_world.pretrain import PretrainConfig, pretrain
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in dataclasses.fields(PretrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        if isinstance(field.default, tuple):
-            parser.add_argument(flag, type=int, nargs="+", default=field.default)
-        else:
-            kind = parse_bool if isinstance(field.default, bool) else type(field.default)
-            parser.add_argument(flag, type=kind, default=field.default)
+    add_dataclass_arguments(parser, PretrainConfig)
     parser.add_argument("--work-dir", type=Path, default=Path("runs/pretrain-tiny"), help="checkpoints, for resume")
     parser.add_argument("--out", type=Path, default=PRETRAINED_DIR)
     parser.add_argument("--threads", type=int, default=2)
@@ -34,8 +27,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     try:
-        config = PretrainConfig(**{f.name: tuple(v) if isinstance(v := getattr(args, f.name), list) else v
-                                   for f in dataclasses.fields(PretrainConfig)})
+        config = from_arguments(args, PretrainConfig)
     except ValueError as error:
         parser.error(str(error))
     recipe = pretrain(args.work_dir, args.out, config, device=args.device, log=lambda message: print(message, flush=True))

@@ -10,10 +10,16 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
-from gdro_ray.models import FluxModel, TinyFluxConfig, build_tiny_flux_pipeline  # noqa: E402
+from gdro_ray.models import FluxModel, SamplerSettings  # noqa: E402
 from gdro_ray.ray_session import init_ray  # noqa: E402
+from gdro_ray.tiny_world.model import TinyFluxConfig, build_tiny_flux_pipeline  # noqa: E402
 
 IMAGE_SIZE = TinyFluxConfig().image_size
+
+
+def sampler(num_steps: int = 2, **settings) -> SamplerSettings:
+    """Sampler settings at the tiny pipeline's image size."""
+    return SamplerSettings(IMAGE_SIZE, IMAGE_SIZE, num_steps, **settings)
 REPO = Path(__file__).resolve().parents[1]
 
 

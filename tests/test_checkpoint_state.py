@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 from diffusers.optimization import get_scheduler
 
+from conftest import sampler
 from gdro_ray.config import TrainConfig
 from gdro_ray.models import FluxModel, LoraSpec
 from gdro_ray.train.strategies import DataParallelStrategy, DeepSpeedStrategy
@@ -38,7 +39,7 @@ def train_steps(model, strategy, steps):
     prompts = model.encode_prompts(["a red cube"])
     for _ in range(steps):
         latents = torch.randn(2, 64, 16, generator=generator)
-        loss = model.velocity(latents, torch.rand(2, generator=generator), prompts.select([0, 0]), 32, 32).square().mean()
+        loss = model.velocity(latents, torch.rand(2, generator=generator), prompts.select([0, 0]), sampler()).square().mean()
         strategy.backward(loss)
         strategy.micro_step()
 

@@ -21,7 +21,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SMALL_RUN = ["--num-prompts", "8", "--k-gen", "4", "--k", "3", "--sample-steps", "4", "--steps", "4",
+SMALL_RUN = ["--num-prompts", "8", "--k-gen", "4", "--k", "3", "--num-steps", "4", "--steps", "4",
              "--groups-per-step", "2", "--checkpoint-every", "2", "--eval-every", "2", "--train-eval-prompts", "2",
              "--train-eval-images-per-prompt", "2"]
 

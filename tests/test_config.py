@@ -3,7 +3,8 @@ import dataclasses
 
 import pytest
 
-from gdro_ray.config import PRESETS, TrainConfig, add_arguments, build_config, config_from_arguments, save_yaml
+from gdro_ray.config import TrainConfig, add_arguments, build_config, config_from_arguments, save_yaml
+from gdro_ray.profiles import preset_values
 
 
 def parse(argv):
@@ -12,11 +13,16 @@ def parse(argv):
     return config_from_arguments(parser.parse_args(argv))
 
 
-@pytest.mark.parametrize("preset, task", [(p, t) for p in PRESETS for t in PRESETS[p]])
+@pytest.mark.parametrize("preset, task", [(p, t) for p in ("paper", "tiny") for t in ("ocr", "geneval")])
 def test_every_shipped_preset_builds_a_valid_config(preset, task):
     config = parse(["--preset", preset, "--task", task])
-    for name, value in PRESETS[preset][task].items():
+    for name, value in preset_values(preset, task).items():
         assert getattr(config, name) == value
+
+
+def test_the_preset_defaults_to_the_models_own(tiny_flux_dir):
+    assert parse(["--task", "geneval"]).lora_rank == preset_values("tiny", "geneval")["lora_rank"]
+    assert parse(["--task", "geneval", "--model", str(tiny_flux_dir)]).steps == preset_values("paper", "geneval")["steps"]
 
 
 def test_paper_presets_are_the_papers_numbers():
@@ -47,6 +53,13 @@ def test_config_round_trips_and_refuses_bad_values(tmp_path):
         TrainConfig(zero_stage=1)
     with pytest.raises(ValueError, match="k must be >= 2"):
         TrainConfig(k=1)
+    for name, bad in (("beta", 0.0), ("tau", -0.1), ("lr", 0.0), ("beta", float("nan"))):
+        with pytest.raises(ValueError, match=f"{name} must be > 0"):
+            TrainConfig(**{name: bad})
+    with pytest.raises(ValueError, match="gamma must be >= 0"):
+        TrainConfig(gamma=-1.0)
+    with pytest.raises(FileNotFoundError, match="neither a diffusers pipeline directory nor a hub id"):
+        parse(["--model", str(tmp_path / "no-such-model")])
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         parse(["--config", str(tmp_path / "missing.yaml")])
     with pytest.raises(ValueError, match="unknown preset 'fast'"):

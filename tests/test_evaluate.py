@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from gdro_ray.data.prompts import load_prompts
+from gdro_ray.data.manifest import write_manifest
 from gdro_ray.evaluate import (
+    HeldOut,
     ImageScore,
     comparison_grid,
-    default_judge,
     format_table,
     generate_images,
     heldout_seeds,
@@ -19,6 +19,9 @@ from gdro_ray.evaluate import (
     summarise,
     write_results,
 )
+from gdro_ray.generation import GenerationConfig
+from gdro_ray.models import SamplerSettings
+from gdro_ray.profiles import profile_for, quality_judge
 from gdro_ray.rewards.brightness import BrightnessReward
 from gdro_ray.tiny_world.judge import TinyWorldJudge
 
@@ -63,13 +66,13 @@ def test_every_held_out_image_has_its_own_seed_and_a_prompt_keeps_its_seeds():
 
 
 def test_generated_images_are_scored_written_and_pictured(tiny_flux, tmp_path):
-    prompts = load_prompts("tiny-geneval", num_prompts=2, seed=0, split="heldout")
-    seeds = [[3, 4, 5], [6, 7, 8]]
-    images = generate_images(tiny_flux, prompts, seeds, 32, 32, num_steps=2)
+    prompts = profile_for("tiny").prompts("geneval", split="heldout", num_prompts=2, seed=0)
+    seeds, sampler = [[3, 4, 5], [6, 7, 8]], SamplerSettings(32, 32, num_steps=2)
+    images = generate_images(tiny_flux, prompts, seeds, sampler)
     assert [len(row) for row in images] == [3, 3] and images[0][0].size == (32, 32)
-    assert generate_images(tiny_flux, prompts[:1], seeds[:1], 32, 32, num_steps=2)[0][1].tobytes() == images[0][1].tobytes()
+    assert generate_images(tiny_flux, prompts[:1], seeds[:1], sampler)[0][1].tobytes() == images[0][1].tobytes()
     with pytest.raises(ValueError, match="one row per prompt: 2 prompts, 1 rows"):
-        generate_images(tiny_flux, prompts, seeds[:1], 32, 32, num_steps=2)
+        generate_images(tiny_flux, prompts, seeds[:1], sampler)
 
     scores = score_images(BrightnessReward(), TinyWorldJudge(), prompts, seeds, images, task="geneval")
     assert len(scores) == 6 and {s.tag for s in scores} <= {p.metadata["tag"] for p in prompts}
@@ -80,10 +83,16 @@ def test_generated_images_are_scored_written_and_pictured(tiny_flux, tmp_path):
     with open(tmp_path / "base.csv") as handle:
         assert [float(row["reward"]) for row in csv.DictReader(handle)] == [s.reward for s in scores]
 
-    grid = comparison_grid(images, images, scale=2)
-    assert grid.size == ((2 * 3 * 32 + 16) * 2, 2 * 32 * 2)
+    texts = [p.prompt for p in prompts]
+    grid = comparison_grid(images, images, texts, scale=2)
+    label = grid.width - (2 * 3 * 32 + 16) * 2
+    assert label > 0 and grid.height == 2 * 32 * 2
+    for row in range(2):  # each row's label column holds its prompt's text: dark pixels on white
+        assert grid.crop((0, row * 64, label, (row + 1) * 64)).convert("L").getextrema()[0] < 100
     with pytest.raises(ValueError, match="same prompts and seeds"):
-        comparison_grid(images, images[:1])
+        comparison_grid(images, images[:1], texts)
+    with pytest.raises(ValueError, match="one prompt per row"):
+        comparison_grid(images, images, texts[:1])
 
 
 def test_the_evaluate_job_compares_base_and_aligned(tmp_path):
@@ -95,7 +104,7 @@ def test_the_evaluate_job_compares_base_and_aligned(tmp_path):
     sys.path.insert(0, sys_path)
     import evaluate as evaluate_job
 
-    model = load_flow_model("tiny")
+    model = load_flow_model(profile_for("tiny").weights)
     model.add_lora(LoraSpec(rank=4, alpha=4))
     with torch.no_grad():  # a LoRA that changes the model, as a trained one does
         for parameter in model.trainable_parameters():
@@ -109,9 +118,30 @@ def test_the_evaluate_job_compares_base_and_aligned(tmp_path):
         assert (tmp_path / "eval" / name).is_file()
     # The LoRA is really applied: the aligned half of the picture differs from the base half.
     grid = Image.open(tmp_path / "eval" / "comparison.png")
-    half = (grid.width - 16 * 4) // 2
-    assert grid.crop((0, 0, half, grid.height)).tobytes() != grid.crop((grid.width - half, 0, grid.width, grid.height)).tobytes()
-    again = evaluate_job.main(["--task", "geneval", "--lora", str(tmp_path / "missing"), "--out", str(tmp_path / "eval")])
-    assert again == summary  # a finished evaluation is read back, not rerun
+    block = 2 * 32 * 4  # two images per prompt, scaled 4x
+    base_block = grid.crop((grid.width - 2 * block - 16 * 4, 0, grid.width - block - 16 * 4, grid.height))
+    assert base_block.tobytes() != grid.crop((grid.width - block, 0, grid.width, grid.height)).tobytes()
+    written = (tmp_path / "eval" / "summary.json").stat().st_mtime_ns
+    again = evaluate_job.main(["--task", "geneval", "--lora", str(tmp_path / "lora"), "--out", str(tmp_path / "eval")])
+    assert again == summary and (tmp_path / "eval" / "summary.json").stat().st_mtime_ns == written  # read back
     with pytest.raises(ValueError, match="needs a quality judge"):
-        default_judge("black-forest-labs/FLUX.1-dev")
+        quality_judge("black-forest-labs/FLUX.1-dev")
+
+
+def test_a_dataset_is_evaluated_with_its_own_reward_sampler_and_prompt_file(tmp_path):
+    """The held-out evaluation of a dataset reads what it was made with from its manifest."""
+    prompt_file = tmp_path / "signs.txt"
+    prompt_file.write_text("\n".join(f'a sign that says "{word}"' for word in ("KEY", "MAP", "CAT", "ANT", "HEN",
+                                                                                "RAY", "YAK", "TEA", "EAR", "ARC")))
+    config = GenerationConfig(task="custom", prompt_file=str(prompt_file), reward={"min_side": 128}, seed=3,
+                              sampler=SamplerSettings(32, 32, num_steps=5, cfg_scale=2.0), out=str(tmp_path / "g"))
+    (tmp_path / "g").mkdir()
+    write_manifest(tmp_path / "g", config.identity(), {}, complete=True, prompt_file=config.prompt_file)
+    held_out = HeldOut.of_dataset(tmp_path / "g")
+    assert held_out.reward == {**profile_for("tiny").rewards["ocr"], "min_side": 128}
+    assert held_out.sampler == config.sampler and held_out.seed == 3 and held_out.task == "custom"
+    every_prompt = held_out.prompts(None) + config.prompts()
+    assert len(held_out.prompts(None)) >= 1 and len(every_prompt) == 10  # the file's held-out split, and the rest
+    prompt_file.unlink()
+    with pytest.raises(FileNotFoundError, match="no longer there"):
+        HeldOut.of_dataset(tmp_path / "g")

@@ -6,9 +6,10 @@ import torch
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 
-from conftest import IMAGE_SIZE
+from conftest import IMAGE_SIZE, sampler
 from gdro_ray.flow import TimestepSampler, time_shift
 from gdro_ray.models import FluxModel, LoraSpec, load_flow_model
+from gdro_ray.profiles import profile_for
 from gdro_ray.train.step import GDROLossConfig, GroupBatch, gdro_batch_loss
 
 PROMPTS = ["a photo of a red cube", 'a sign that says "GDRO"']
@@ -29,14 +30,14 @@ def probe_inputs(model, batch=2, seed=0):
 def velocity(model, inputs):
     latents, t, prompts = inputs
     with torch.no_grad():
-        return model.velocity(latents, t, prompts, IMAGE_SIZE, IMAGE_SIZE)
+        return model.velocity(latents, t, prompts, sampler())
 
 
 def gdro_step(model, optimizer, seed=0):
     """One optimiser step on L_GDRO + 0.5 L_reg over a generated group of three, as training does."""
     prompt = model.encode_prompts(PROMPTS[:1])
-    group = model.generate(prompt, seeds=[1, 2, 3], height=IMAGE_SIZE, width=IMAGE_SIZE, num_steps=2)
-    batch = GroupBatch(group.latents.unsqueeze(0), torch.tensor([[0.2, 0.9, 0.5]]), prompt, IMAGE_SIZE, IMAGE_SIZE)
+    group = model.generate(prompt, seeds=[1, 2, 3], sampler=sampler(2))
+    batch = GroupBatch(group.latents.unsqueeze(0), torch.tensor([[0.2, 0.9, 0.5]]), prompt, sampler())
     config = GDROLossConfig(beta=50.0, tau=0.05, gamma=0.5, timesteps=TimestepSampler("uniform"))
     result = gdro_batch_loss(model, batch, config, torch.Generator().manual_seed(seed))
     optimizer.zero_grad()
@@ -70,7 +71,7 @@ def test_euler_over_scheduler_sigmas_reproduces_flux_pipeline(tiny_flux):
     sigmas = pipeline.scheduler.sigmas  # steps + 1 values, from ~1 down to 0
     for sigma, next_sigma in zip(sigmas[:-1], sigmas[1:]):
         with torch.no_grad():
-            v = tiny_flux.velocity(latents, sigma.expand(1), prompt, IMAGE_SIZE, IMAGE_SIZE)
+            v = tiny_flux.velocity(latents, sigma.expand(1), prompt, sampler())
         latents = latents + (next_sigma - sigma) * v
     torch.testing.assert_close(latents, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(expected, torch.zeros_like(expected))
@@ -82,9 +83,9 @@ def test_euler_over_scheduler_sigmas_reproduces_flux_pipeline(tiny_flux):
 
 def test_generation_is_deterministic_per_seed(tiny_flux):
     prompt = tiny_flux.encode_prompts(PROMPTS[:1])
-    first = tiny_flux.generate(prompt, seeds=[7, 8, 9], height=IMAGE_SIZE, width=IMAGE_SIZE, num_steps=3)
-    again = tiny_flux.generate(prompt, seeds=[7, 8, 9], height=IMAGE_SIZE, width=IMAGE_SIZE, num_steps=3)
-    alone = tiny_flux.generate(prompt, seeds=[9], height=IMAGE_SIZE, width=IMAGE_SIZE, num_steps=3)
+    first = tiny_flux.generate(prompt, seeds=[7, 8, 9], sampler=sampler(3))
+    again = tiny_flux.generate(prompt, seeds=[7, 8, 9], sampler=sampler(3))
+    alone = tiny_flux.generate(prompt, seeds=[9], sampler=sampler(3))
     assert first.images.shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert first.images.min() >= 0 and first.images.max() <= 1
     assert torch.equal(first.images, again.images) and torch.equal(first.latents, again.latents)
@@ -138,7 +139,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_flux):
 
     def gradients():
         tiny_flux.transformer.zero_grad()
-        tiny_flux.velocity(latents, t, prompts, IMAGE_SIZE, IMAGE_SIZE).square().mean().backward()
+        tiny_flux.velocity(latents, t, prompts, sampler()).square().mean().backward()
         return [p.grad.clone() for p in tiny_flux.trainable_parameters()]
 
     tiny_flux.transformer.train()
@@ -212,7 +213,7 @@ def test_an_unreachable_hub_id_says_so():
 
 def test_a_model_built_in_memory_encodes_deterministically():
     # Modules built from configs start in train mode; the adapter must not leave T5's dropout on.
-    first, second = load_flow_model("tiny"), load_flow_model("tiny")
+    first, second = load_flow_model(profile_for("tiny").weights), load_flow_model(profile_for("tiny").weights)
     prompts = ['a sign that says "OPEN"', "a photo of a cat"]
     together = first.encode_prompts(prompts)
     torch.testing.assert_close(second.encode_prompts(prompts[:1]).sequence[0], together.sequence[0])
@@ -221,8 +222,9 @@ def test_a_model_built_in_memory_encodes_deterministically():
 
 def test_classifier_free_guidance_changes_samples_deterministically(tiny_flux):
     prompt = tiny_flux.encode_prompts(PROMPTS[:1])
-    plain = tiny_flux.generate(prompt, [5, 6], IMAGE_SIZE, IMAGE_SIZE, num_steps=3)
-    tiny_flux.cfg_scale = 4.0
-    guided = tiny_flux.generate(prompt, [5, 6], IMAGE_SIZE, IMAGE_SIZE, num_steps=3)
-    assert torch.equal(guided.latents, tiny_flux.generate(prompt, [5, 6], IMAGE_SIZE, IMAGE_SIZE, 3).latents)
+    plain = tiny_flux.generate(prompt, [5, 6], sampler(3))
+    guided = tiny_flux.generate(prompt, [5, 6], sampler(3, cfg_scale=4.0))
+    assert torch.equal(guided.latents, tiny_flux.generate(prompt, [5, 6], sampler(3, cfg_scale=4.0)).latents)
+    empty = tiny_flux.encode_prompts([""])  # the empty prompt given, as training's evaluation set does
+    assert torch.equal(guided.latents, tiny_flux.generate(prompt, [5, 6], sampler(3, cfg_scale=4.0), empty).latents)
     assert not torch.allclose(guided.latents, plain.latents)

@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from gdro_ray.data.generation import GenerationConfig, derive_seed, generate_groups
+from conftest import sampler
 from gdro_ray.data.manifest import ManifestMismatch, read_manifest
-from gdro_ray.data.records import decode_group, png_to_image
+from gdro_ray.data.records import png_to_image, tensor_from_bytes
 from gdro_ray.data.shards import read_shards, shard_paths
+from gdro_ray.generation import GenerationConfig, derive_seed, generate_groups
 from gdro_ray.models import load_flow_model
+from gdro_ray.profiles import profile_for
 from gdro_ray.ray_session import init_ray
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +31,7 @@ def ray_cluster():
 
 
 def small_config(out, **overrides):
-    settings = dict(task="ocr", num_prompts=3, k=4, num_steps=2, prompts_per_batch=2, out=str(out))
+    settings = dict(task="ocr", num_prompts=3, k=4, sampler=sampler(2), prompts_per_batch=2, out=str(out))
     return GenerationConfig(**{**settings, **overrides})
 
 
@@ -45,25 +47,29 @@ def test_small_run_writes_groups_that_load_back_as_tensors(ray_cluster, tmp_path
     all_rewards = [reward for row in rows for reward in row["rewards"]]
     assert manifest["counts"]["mean_reward"] == pytest.approx(sum(all_rewards) / len(all_rewards))
     assert len({row["prompt_id"] for row in rows}) == 3
-    model = load_flow_model("tiny")
+    model = load_flow_model(profile_for("tiny").weights)
     text_dim = model.transformer.config.joint_attention_dim
     for row in rows:
-        group = decode_group(row)
-        assert group["latents"].shape == (4, 64, 16) and group["latents"].dtype == torch.float32
-        assert group["prompt_embeds"].shape == (32, text_dim)
-        assert group["pooled_embeds"].shape == (model.transformer.config.pooled_projection_dim,)
-        assert group["rewards"].shape == (4,) and ((group["rewards"] >= 0) & (group["rewards"] <= 1)).all()
-        assert all("recognised" in details or "error" in details for details in group["reward_details"])
-        assert group["seeds"] == [derive_seed(0, row["prompt_id"], i) for i in range(4)]
+        latents = tensor_from_bytes(row["latents"], row["latents_shape"], row["latents_dtype"])
+        assert latents.shape == (4, 64, 16) and latents.dtype == torch.float32
+        assert tensor_from_bytes(row["prompt_embeds"], row["prompt_embeds_shape"], row["embeds_dtype"]).shape == (
+            32, text_dim)
+        pooled = tensor_from_bytes(row["pooled_embeds"], row["pooled_embeds_shape"], row["embeds_dtype"])
+        assert pooled.shape == (model.transformer.config.pooled_projection_dim,)
+        assert len(row["rewards"]) == 4 and all(0 <= reward <= 1 for reward in row["rewards"])
+        details = [json.loads(text) for text in row["reward_details"]]
+        assert all("recognised" in detail or "error" in detail for detail in details)
+        assert row["seeds"] == [derive_seed(0, row["prompt_id"], i) for i in range(4)]
         assert png_to_image(row["images"][0]).size == (32, 32)
         assert json.loads(row["sampler"]) == {"height": 32, "width": 32, "num_steps": 2, "guidance_scale": 3.5,
                                                  "cfg_scale": 1.0}
         # The stored latents are what the model generates from those seeds, and the cached
         # embeddings are its prompt encoding: training can trust them without re-running anything.
         prompt = model.encode_prompts([row["prompt"]])
-        again = model.generate(prompt, group["seeds"][:2], 32, 32, 2)
-        torch.testing.assert_close(again.latents, group["latents"][:2], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(prompt.sequence[0], group["prompt_embeds"])
+        again = model.generate(prompt, row["seeds"][:2], sampler(2))
+        torch.testing.assert_close(again.latents, latents[:2], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(prompt.sequence[0], tensor_from_bytes(row["prompt_embeds"], row["prompt_embeds_shape"],
+                                                                        row["embeds_dtype"]))
 
 
 def test_rerun_resumes_and_a_changed_config_is_refused(ray_cluster, tmp_path):
@@ -155,17 +161,21 @@ def test_bad_generation_settings_are_refused(tmp_path, overrides, message):
 
 
 def test_each_task_has_a_full_reward_spec_and_unknown_ones_are_named():
-    from gdro_ray.tasks import prompt_set, reward_for_task
+    from gdro_ray.data.prompts import ocr_stream
+    from gdro_ray.tiny_world.glyphs import glyphs_stream
 
-    flux = "black-forest-labs/FLUX.1-dev"
-    assert reward_for_task("geneval", flux)["detector"] == "PekingU/rtdetr_r50vd_coco_o365"
-    assert reward_for_task("geneval", "tiny")["detector"] == "shapes"  # the tiny world's detector
-    assert reward_for_task("ocr", "tiny") == reward_for_task("ocr", flux)  # the same OCR reward
-    assert (prompt_set("ocr", "tiny"), prompt_set("ocr", flux)) == ("tiny-ocr", "ocr")
-    assert reward_for_task("custom", flux, "prompts.jsonl")["name"] == "geneval"
+    flux, tiny = profile_for("black-forest-labs/FLUX.1-dev"), profile_for("tiny")
+    assert flux.weights == "black-forest-labs/FLUX.1-dev" and (flux.sampler.height, tiny.sampler.height) == (512, 32)
+    assert flux.reward_spec("geneval")["detector"] == "PekingU/rtdetr_r50vd_coco_o365"
+    assert tiny.reward_spec("geneval")["detector"] == "gdro_ray.tiny_world.detector:ShapesDetector"
+    assert tiny.reward_spec("ocr") == flux.reward_spec("ocr")  # the same OCR reward
+    assert (tiny.prompt_sets["ocr"], flux.prompt_sets["ocr"]) == (glyphs_stream, ocr_stream)
+    assert flux.reward_spec("custom", "prompts.jsonl")["name"] == "geneval"
     easyocr = {"name": "ocr", "engine": "easyocr", "min_side": 256, "detection": "image"}
-    assert reward_for_task("custom", flux, "p.txt", {"engine": "easyocr"}) == easyocr
+    assert flux.reward_spec("custom", "p.txt", {"engine": "easyocr"}) == easyocr
     with pytest.raises(ValueError, match="needs a prompt file"):
-        reward_for_task("custom", flux)
+        flux.reward_spec("custom")
     with pytest.raises(ValueError, match="no reward for 'aesthetics'"):
-        reward_for_task("ocr", flux, overrides={"name": "aesthetics"})
+        flux.reward_spec("ocr", overrides={"name": "aesthetics"})
+    with pytest.raises(FileNotFoundError, match="neither a diffusers pipeline directory nor a hub id"):
+        profile_for("./models/missing-flux")

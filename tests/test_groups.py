@@ -5,6 +5,7 @@ import torch
 
 from gdro_ray.data.records import tensor_to_bytes
 from gdro_ray.data.shards import shard_paths, write_shard
+from gdro_ray.models import SamplerSettings
 from gdro_ray.train.groups import (
     TRAINING_COLUMNS, check_enough_groups, group_batch, ranked_prompt_ids, read_ranked_groups,
 )
@@ -19,7 +20,7 @@ def row(prompt_id, rewards, tokens=4, channels=2):
                 images=[b""] * len(rewards), latents=latents, latents_shape=shape, latents_dtype=dtype,
                 prompt_embeds=embeds, prompt_embeds_shape=embeds_shape, pooled_embeds=pooled,
                 pooled_embeds_shape=pooled_shape, embeds_dtype=embeds_dtype, rewards=rewards,
-                reward_details=["{}"] * len(rewards), sampler=json.dumps({"height": 32, "width": 32}))
+                reward_details=["{}"] * len(rewards), sampler=json.dumps({"height": 32, "width": 32, "num_steps": 4, "guidance_scale": 2.0}))
 
 
 def test_tied_groups_are_left_out_and_counted(tmp_path):
@@ -48,7 +49,7 @@ def test_small_groups_are_padded_and_masked_and_draws_keep_member_rewards(tmp_pa
     for drawn, reward in zip(batch.latents[0], batch.rewards[0]):
         member = int(drawn[0, 0].item()) // 8
         assert reward.item() == pytest.approx([0.1, 0.9, 0.5, 0.2][member])
-    assert (batch.height, batch.width) == (32, 32)
+    assert batch.sampler == SamplerSettings(32, 32, num_steps=4, guidance_scale=2.0)  # the guidance it was made with
 
 
 def test_unusable_datasets_are_refused(tmp_path):

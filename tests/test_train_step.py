@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from conftest import IMAGE_SIZE
+from conftest import sampler
 from gdro_ray.flow import TimestepSampler
 from gdro_ray.models import LoraSpec
 from gdro_ray.train.step import GDROLossConfig, GroupBatch, gdro_batch_loss
@@ -13,12 +13,12 @@ def group_batch(model, groups=2, k=3):
     prompts = model.encode_prompts([f"prompt {i}" for i in range(groups)])
     latents = torch.stack(
         [
-            model.generate(prompts.select([g]), list(range(10 * g, 10 * g + k)), IMAGE_SIZE, IMAGE_SIZE, 2).latents
+            model.generate(prompts.select([g]), list(range(10 * g, 10 * g + k)), sampler(2)).latents
             for g in range(groups)
         ]
     )
     rewards = torch.rand(groups, k, generator=torch.Generator().manual_seed(0))
-    return GroupBatch(latents, rewards, prompts, IMAGE_SIZE, IMAGE_SIZE)
+    return GroupBatch(latents, rewards, prompts, sampler())
 
 
 def test_fresh_lora_gives_zero_scores_and_the_uniform_ranking_loss(tiny_flux):
@@ -42,7 +42,7 @@ def test_padded_members_do_not_touch_the_loss(tiny_flux):
             parameter.add_(0.05 * torch.randn_like(parameter))
     config = GDROLossConfig(beta=10.0, gamma=0.5)
     full = gdro_batch_loss(tiny_flux, GroupBatch(batch.latents[:, :3], batch.rewards[:, :3], batch.prompts,
-                                                  IMAGE_SIZE, IMAGE_SIZE), config, torch.Generator().manual_seed(2))
+                                                  sampler()), config, torch.Generator().manual_seed(2))
     mask = torch.tensor([[True, True, True, False]] * 2)
     batch.latents[:, 3] = float("nan")  # whatever sits in the padding
     batch.mask = mask

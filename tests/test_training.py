@@ -9,10 +9,11 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 
+from conftest import sampler
 from gdro_ray.config import TrainConfig, build_config, read_yaml
-from gdro_ray.data.generation import GenerationConfig, generate_groups
 from gdro_ray.data.manifest import read_manifest
 from gdro_ray.data.shards import read_shards, write_shard
+from gdro_ray.generation import GenerationConfig, generate_groups
 from gdro_ray.models import FluxModel
 from gdro_ray.plots import read_scalars
 from gdro_ray.ray_session import init_ray
@@ -38,7 +39,7 @@ def groups(ray_cluster, tmp_path_factory, tiny_flux_dir):
     Training reads the model from the dataset's manifest (train_config)."""
     out = tmp_path_factory.mktemp("groups")
     config = GenerationConfig(task="ocr", model=str(tiny_flux_dir), reward={"name": "brightness"}, num_prompts=6,
-                              k=6, height=32, width=32, num_steps=4, out=str(out))
+                              k=6, sampler=sampler(4), out=str(out))
     generate_groups(config, progress=False)
     row = read_shards(out).to_pylist()[0]
     latents_bytes = len(row["latents"]) // 6
@@ -61,7 +62,7 @@ def velocity_probe(model):
     prompts = model.encode_prompts(['a sign that says "GDRO"'])
     latents = torch.randn(1, 64, 16, generator=generator)
     with torch.no_grad():
-        return model.velocity(latents, torch.tensor([0.6]), prompts, 32, 32)
+        return model.velocity(latents, torch.tensor([0.6]), prompts, sampler())
 
 
 def test_two_deepspeed_workers_train_and_export_a_diffusers_lora(groups, tmp_path, tiny_flux_dir):

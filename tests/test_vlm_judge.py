@@ -15,7 +15,7 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from gdro_ray.evaluate import default_judge
+from gdro_ray.profiles import quality_judge
 from gdro_ray.rewards.vlm_judge import NEUTRAL_RATING, VLMJudge, parse_rating
 
 # Qwen-style chat turns; an image is one <image> token, which the processor expands to the vision tower's patches.
@@ -133,7 +133,7 @@ def test_missing_model_errors_name_the_model(tmp_path):
 
 
 def test_default_judge_builds_a_vlm_judge(tiny_vlm_dir):
-    judge = default_judge("tiny", judge_model=str(tiny_vlm_dir))
+    judge = quality_judge("tiny", judge_model=str(tiny_vlm_dir))
     assert isinstance(judge, VLMJudge) and judge.source == str(tiny_vlm_dir)
     with pytest.raises(ValueError, match="not both"):
-        default_judge("tiny", judge_url="http://judge:8000/score", judge_model=str(tiny_vlm_dir))
+        quality_judge("tiny", judge_url="http://judge:8000/score", judge_model=str(tiny_vlm_dir))

@@ -44,10 +44,24 @@ def check_resumable(directory: str | Path, identity: dict) -> None:
     )
 
 
-def write_manifest(directory: str | Path, identity: dict, counts: dict, complete: bool) -> dict:
-    manifest = {"config_hash": config_hash(identity), "identity": identity, "counts": counts, "complete": complete}
+def write_manifest(directory: str | Path, identity: dict, counts: dict, complete: bool,
+                   prompt_file: str | None = None) -> dict:
+    """prompt_file: where the prompt file was read (the identity holds its name and hash), for evaluations of
+    its held-out split."""
+    manifest = {"config_hash": config_hash(identity), "identity": identity, "counts": counts, "complete": complete,
+                "prompt_file": str(Path(prompt_file).resolve()) if prompt_file else None}
     path = Path(directory) / MANIFEST_NAME
     partial = path.with_suffix(".json.tmp")
     partial.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     partial.replace(path)
+    return manifest
+
+
+def read_dataset_manifest(directory: str | Path) -> dict:
+    """The manifest of a complete group dataset, or an error naming the directory."""
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise FileNotFoundError(f"{str(directory)!r} holds no group dataset ({MANIFEST_NAME} is missing)")
+    if not manifest.get("complete"):
+        raise ValueError(f"the group dataset in {str(directory)!r} is incomplete: rerun its generation to finish it")
     return manifest

@@ -119,11 +119,6 @@ def geneval_stream(seed: int) -> Iterator[PromptRecord]:
     return _distinct_draws(draw, seed)
 
 
-def geneval_prompts(seed: int, n: int) -> list[PromptRecord]:
-    """The first n prompts of geneval_stream(seed)."""
-    return _first(geneval_stream(seed), n)
-
-
 # ---- OCR ----------------------------------------------------------------------------------------------
 
 # Our own plain words and short phrases for text rendering; each is at most a few words, as in
@@ -196,11 +191,6 @@ def ocr_stream(seed: int) -> Iterator[PromptRecord]:
     return _distinct_draws(draw, seed)
 
 
-def ocr_prompts(seed: int, n: int) -> list[PromptRecord]:
-    """The first n prompts of ocr_stream(seed)."""
-    return _first(ocr_stream(seed), n)
-
-
 # A set counts as run out after this many draws in a row bring no new prompt.
 MAX_REPEATED_DRAWS = 1000
 
@@ -220,15 +210,6 @@ def _distinct_draws(draw: Callable[[random.Random, int], PromptRecord], seed: in
         repeats = 0
         seen.add(record.prompt_id)
         yield record
-
-
-def _first(records: Iterable[PromptRecord], n: int) -> list[PromptRecord]:
-    if n < 0:
-        raise ValueError(f"number of prompts must be >= 0, got {n}")
-    first = list(itertools.islice(records, n))
-    if len(first) < n:
-        raise ValueError(f"asked for {n} prompts, but the set has only {len(first)} distinct ones")
-    return first
 
 
 # ---- Users' prompt files ----------------------------------------------------------------------------
@@ -305,24 +286,8 @@ def _check_clauses(clauses, key: str, allow_empty: bool) -> None:
 
 # ---- Registry and split -----------------------------------------------------------------------------
 
-def _tiny_shapes(seed: int) -> Iterator[PromptRecord]:
-    from gdro_ray.tiny_world.shapes import shapes_stream  # imported late: the tiny world builds on this module
-
-    return shapes_stream(seed)
-
-
-def _tiny_glyphs(seed: int) -> Iterator[PromptRecord]:
-    from gdro_ray.tiny_world.glyphs import glyphs_stream
-
-    return glyphs_stream(seed)
-
-
-PROMPT_SETS: dict[str, Callable[[int], Iterator[PromptRecord]]] = {
-    "geneval": geneval_stream,
-    "ocr": ocr_stream,
-    "tiny-geneval": _tiny_shapes,  # GenEval's tags and templates over the shapes world
-    "tiny-ocr": _tiny_glyphs,  # OCR prompts over 1-3 character glyphs
-}
+PromptStream = Callable[[int], Iterator[PromptRecord]]
+PROMPT_SETS: dict[str, PromptStream] = {"geneval": geneval_stream, "ocr": ocr_stream}
 SPLITS = ("train", "heldout")
 
 
@@ -334,7 +299,7 @@ def is_heldout(prompt_id: str, seed: int, heldout_fraction: float) -> bool:
 
 
 def load_prompts(
-    task: str,
+    source: str | PromptStream,
     *,
     num_prompts: int | None,
     seed: int,
@@ -345,7 +310,7 @@ def load_prompts(
     """The first num_prompts prompts of one split of a task's prompts (all of them when the set has fewer,
     or when num_prompts is None, which only a file allows).
 
-    task: a name in PROMPT_SETS, whose generator is seeded with `seed`, or "custom", which reads `path` (see
+    source: a prompt stream, or its name in PROMPT_SETS, seeded with `seed`; or "custom", which reads `path` (see
     read_prompt_file; repeated prompts are kept once: Flow-GRPO's GenEval test file lists each four times).
     split: "train" or "heldout"; a prompt is held out by is_heldout, so the splits never overlap, hold about
     1 - heldout_fraction and heldout_fraction of the set, and asking for more prompts keeps those taken.
@@ -356,16 +321,16 @@ def load_prompts(
         raise ValueError(f"heldout_fraction must be in [0, 1], got {heldout_fraction}")
     if num_prompts is not None and num_prompts < 0:
         raise ValueError(f"num_prompts must be >= 0, got {num_prompts}")
-    if task == "custom":
+    if source == "custom":
         if path is None:
             raise ValueError("task 'custom' reads its prompts from a file: pass path=")
         records = _without_repeats(read_prompt_file(path))
-    elif task in PROMPT_SETS:
-        if num_prompts is None:
-            raise ValueError(f"task {task!r} generates its prompts: pass num_prompts=")
-        records = PROMPT_SETS[task](seed)
     else:
-        raise ValueError(f"unknown prompt task {task!r}; known: {sorted(PROMPT_SETS) + ['custom']}")
+        if isinstance(source, str) and source not in PROMPT_SETS:
+            raise ValueError(f"unknown prompt task {source!r}; known: {sorted(PROMPT_SETS) + ['custom']}")
+        if num_prompts is None:
+            raise ValueError(f"prompt set {source!r} generates its prompts: pass num_prompts=")
+        records = (PROMPT_SETS[source] if isinstance(source, str) else source)(seed)
     want_heldout = split == "heldout"
     if heldout_fraction == (0.0 if want_heldout else 1.0):
         return []  # an empty split: without this, an endless generator would be searched forever

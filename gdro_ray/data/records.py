@@ -7,7 +7,6 @@ bit-exactly on any machine.
 """
 
 import io
-import json
 
 import numpy as np
 import pyarrow as pa
@@ -71,18 +70,3 @@ def image_to_png(image: torch.Tensor) -> bytes:
 
 def png_to_image(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
-
-
-def decode_group(row: dict) -> dict:
-    """A stored row -> tensors ready for training, plus its identity and rewards."""
-    return {
-        "prompt_id": row["prompt_id"],
-        "prompt": row["prompt"],
-        "metadata": json.loads(row["metadata"]),
-        "seeds": list(row["seeds"]),
-        "latents": tensor_from_bytes(row["latents"], row["latents_shape"], row["latents_dtype"]),
-        "prompt_embeds": tensor_from_bytes(row["prompt_embeds"], row["prompt_embeds_shape"], row["embeds_dtype"]),
-        "pooled_embeds": tensor_from_bytes(row["pooled_embeds"], row["pooled_embeds_shape"], row["embeds_dtype"]),
-        "rewards": torch.tensor(list(row["rewards"]), dtype=torch.float64),
-        "reward_details": [json.loads(d) for d in row["reward_details"]],
-    }

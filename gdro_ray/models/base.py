@@ -6,6 +6,7 @@ tensors (batch, 3, H, W) in [0, 1]. Time t follows gdro_ray.flow: t = 1 is noise
 
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,37 @@ class LoraSpec:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
         if not self.target_modules:
             raise ValueError("LoRA target_modules must name at least one module")
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How images are sampled: size, Euler steps, FLUX.1-dev's distilled guidance, and classifier-free
+    guidance against the empty prompt (cfg_scale > 1 doubles the cost). Generation records it in every
+    group row; evaluation samples with it and training uses its size and guidance."""
+
+    height: int
+    width: int
+    num_steps: int
+    guidance_scale: float = 3.5
+    cfg_scale: float = 1.0
+
+    def __post_init__(self):
+        for name in ("height", "width", "num_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sampler {name} must be >= 1, got {getattr(self, name)}")
+        if self.cfg_scale < 1:
+            raise ValueError(f"cfg_scale must be >= 1 (1: no classifier-free guidance), got {self.cfg_scale}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "SamplerSettings":
+        return cls(**values)
+
+    def with_overrides(self, **values) -> "SamplerSettings":
+        """These settings with the given ones replaced, None meaning "keep"."""
+        return dataclasses.replace(self, **{name: value for name, value in values.items() if value is not None})
 
 
 @dataclass
@@ -101,15 +133,18 @@ class FlowModel(ABC):
 
     @abstractmethod
     def velocity(
-        self, latents: torch.Tensor, t: torch.Tensor, prompts: PromptEmbeddings, height: int, width: int
+        self, latents: torch.Tensor, t: torch.Tensor, prompts: PromptEmbeddings, sampler: SamplerSettings
     ) -> torch.Tensor:
-        """The denoiser's velocity v(x_t, t, c) for packed latents (B, N, C) at times t (B,)."""
+        """The denoiser's velocity v(x_t, t, c) for packed latents (B, N, C) at times t (B,), for images of
+        the sampler's size under its distilled guidance."""
 
     @abstractmethod
     def generate(
-        self, prompt: PromptEmbeddings, seeds: list[int], height: int, width: int, num_steps: int
+        self, prompt: PromptEmbeddings, seeds: list[int], sampler: SamplerSettings,
+        unconditional: PromptEmbeddings | None = None,
     ) -> GeneratedGroup:
-        """One image per seed for a single prompt; the same seeds give the same images."""
+        """One image per seed for a single prompt; the same seeds give the same images. unconditional: the
+        empty prompt's embeddings for classifier-free guidance (default: encoded on first use)."""
 
     @abstractmethod
     def timestep_shift_mu(self, height: int, width: int) -> float:

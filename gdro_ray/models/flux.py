@@ -1,7 +1,7 @@
 """FLUX.1 behind the FlowModel interface, on diffusers' FluxPipeline and FluxTransformer2DModel.
 
-Works the same for a real checkpoint (a local directory or a hub id; bf16 on GPU) and the tiny FLUX
-built offline (fp32 on CPU). The reference policy is the same transformer with its LoRA disabled, so
+Works the same for a real checkpoint (a local directory or a hub id; bf16 on GPU) and the embedded
+tiny FLUX (fp32 on CPU). The reference policy is the same transformer with its LoRA disabled, so
 there is one copy of the base weights.
 """
 
@@ -15,7 +15,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from gdro_ray.models.base import FlowModel, GeneratedGroup, LoraSpec, PromptEmbeddings
+from gdro_ray.models.base import FlowModel, GeneratedGroup, LoraSpec, PromptEmbeddings, SamplerSettings
 
 ADAPTER_NAME = "default"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -25,6 +25,18 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def check_model_source(source: str) -> None:
+    """Refuse, before any work starts, a model that is neither a diffusers directory nor a hub id."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ValueError(f"model path {source!r} is not a diffusers pipeline: it has no model_index.json")
+    elif path.exists() or not HUB_ID.match(source):
+        raise FileNotFoundError(
+            f"model {source!r} is neither a diffusers pipeline directory nor a hub id like 'black-forest-labs/FLUX.1-dev'"
+        )
+
+
 def load_flux_pipeline(
     source: str, dtype: torch.dtype, revision: str | None = None, text_encoders: bool = True
 ) -> FluxPipeline:
@@ -32,16 +44,11 @@ def load_flux_pipeline(
 
     text_encoders=False skips CLIP and T5 (about 10 GB on FLUX.1): training reads cached embeddings.
     """
+    check_model_source(source)
     skipped = {} if text_encoders else dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
     path = Path(source).expanduser()
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ValueError(f"model path {source!r} is not a diffusers pipeline: it has no model_index.json")
         return FluxPipeline.from_pretrained(path, dtype=dtype, use_safetensors=True, **skipped)
-    if path.exists() or not HUB_ID.match(source):
-        raise FileNotFoundError(
-            f"model {source!r} is neither a diffusers pipeline directory nor a hub id like 'black-forest-labs/FLUX.1-dev'"
-        )
     try:
         return FluxPipeline.from_pretrained(source, dtype=dtype, revision=revision, use_safetensors=True, **skipped)
     except OSError as error:
@@ -57,8 +64,6 @@ class FluxModel(FlowModel):
         pipeline: FluxPipeline,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
-        guidance_scale: float = 3.5,
-        cfg_scale: float = 1.0,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or default_dtype(self.device)
@@ -72,23 +77,18 @@ class FluxModel(FlowModel):
                 component.eval()
         self.pipeline.set_progress_bar_config(disable=True)
         self.transformer = pipeline.transformer
-        self.guidance_scale = guidance_scale  # used only by guidance-distilled models (FLUX.1-dev)
-        # Classifier-free guidance against the empty prompt when > 1 (FluxPipeline's true_cfg_scale):
-        # for models trained with caption dropout; it doubles the cost of sampling.
-        self.cfg_scale = cfg_scale
-        self.unconditional: PromptEmbeddings | None = None  # the empty prompt's embeddings, encoded on first use
+        self.empty_prompt: PromptEmbeddings | None = None  # for classifier-free guidance, encoded on first use
         # T5 length: 512 on FLUX.1, the tokenizer's own length on small models (None: loaded without text encoders).
         self.max_sequence_length = None if pipeline.tokenizer_2 is None else min(512, pipeline.tokenizer_2.model_max_length)
 
     @classmethod
     def from_pretrained(
-        cls, source: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None, **kwargs
+        cls, source: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+        revision: str | None = None, text_encoders: bool = True,
     ) -> "FluxModel":
-        revision = kwargs.pop("revision", None)
-        text_encoders = kwargs.pop("text_encoders", True)
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or default_dtype(target)
-        return cls(load_flux_pipeline(source, dtype, revision, text_encoders), target, dtype, **kwargs)
+        return cls(load_flux_pipeline(source, dtype, revision, text_encoders), target, dtype)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -125,17 +125,17 @@ class FluxModel(FlowModel):
     # -- the denoiser ----------------------------------------------------------------------
 
     def velocity(
-        self, latents: torch.Tensor, t: torch.Tensor, prompts: PromptEmbeddings, height: int, width: int
+        self, latents: torch.Tensor, t: torch.Tensor, prompts: PromptEmbeddings, sampler: SamplerSettings
     ) -> torch.Tensor:
-        batch = latents.shape[0]
+        batch, height, width = latents.shape[0], sampler.height, sampler.width
         if len(prompts) != batch:
             raise ValueError(f"got {len(prompts)} prompt embeddings for {batch} latents; select() them per latent")
         image_ids = FluxPipeline._prepare_latent_image_ids(
             batch, height // (self.vae_scale_factor * 2), width // (self.vae_scale_factor * 2), self.device, self.dtype
         )
         guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full((batch,), self.guidance_scale, device=self.device, dtype=torch.float32)
+        if self.transformer.config.guidance_embeds:  # guidance-distilled models (FLUX.1-dev)
+            guidance = torch.full((batch,), sampler.guidance_scale, device=self.device, dtype=torch.float32)
         prompts = prompts.to(self.device, self.dtype)
         return self.transformer(
             hidden_states=latents.to(self.device, self.dtype),
@@ -150,33 +150,36 @@ class FluxModel(FlowModel):
 
     @torch.no_grad()
     def generate(
-        self, prompt: PromptEmbeddings, seeds: list[int], height: int, width: int, num_steps: int = 28
+        self, prompt: PromptEmbeddings, seeds: list[int], sampler: SamplerSettings,
+        unconditional: PromptEmbeddings | None = None,
     ) -> GeneratedGroup:
         if len(prompt) != 1:
             raise ValueError(f"generate() takes the embeddings of one prompt, got {len(prompt)}")
         # One CPU generator per image: the same seed gives the same noise on any device and in any batch.
         generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
         group = prompt.select([0] * len(seeds)).to(self.device, self.dtype)
-        unconditional = {}
-        if self.cfg_scale > 1:
-            if self.unconditional is None:
-                self.unconditional = self.encode_prompts([""])
-            empty = self.unconditional.select([0] * len(seeds)).to(self.device, self.dtype)
-            unconditional = dict(negative_prompt_embeds=empty.sequence, negative_pooled_prompt_embeds=empty.pooled,
-                                 true_cfg_scale=self.cfg_scale)
+        guided = {}
+        if sampler.cfg_scale > 1:  # FluxPipeline's true_cfg_scale: against the empty prompt, twice the cost
+            if unconditional is None:
+                self.empty_prompt = self.empty_prompt or self.encode_prompts([""])
+                unconditional = self.empty_prompt
+            empty = unconditional.select([0] * len(seeds)).to(self.device, self.dtype)
+            guided = dict(negative_prompt_embeds=empty.sequence, negative_pooled_prompt_embeds=empty.pooled,
+                          true_cfg_scale=sampler.cfg_scale)
         latents = self.pipeline(
             prompt_embeds=group.sequence,
             pooled_prompt_embeds=group.pooled,
-            height=height,
-            width=width,
-            num_inference_steps=num_steps,
-            guidance_scale=self.guidance_scale,
+            height=sampler.height,
+            width=sampler.width,
+            num_inference_steps=sampler.num_steps,
+            guidance_scale=sampler.guidance_scale,
             generator=generators,
             output_type="latent",
             return_dict=False,
-            **unconditional,
+            **guided,
         )[0]
-        return GeneratedGroup(latents, self.decode_latents(latents, height, width), [int(s) for s in seeds])
+        images = self.decode_latents(latents, sampler.height, sampler.width)
+        return GeneratedGroup(latents, images, [int(s) for s in seeds])
 
     def timestep_shift_mu(self, height: int, width: int) -> float:
         config = self.pipeline.scheduler.config

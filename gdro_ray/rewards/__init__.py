@@ -4,6 +4,8 @@ A spec is {"name": ..., options}; the manifest of a group dataset records the fu
 included, so that a dataset says exactly how it was scored.
 """
 
+import importlib
+
 import torch
 
 from gdro_ray.rewards.base import Reward, RewardResult, score_safely
@@ -11,14 +13,11 @@ from gdro_ray.rewards.geneval_backend import DEFAULT_CLIP_ID, DEFAULT_DETECTOR_I
 
 __all__ = ["DEFAULT_SPECS", "Reward", "RewardResult", "build_reward", "score_safely"]
 
-SHAPES_DETECTOR = "shapes"
-
 # The reward each prompt set is scored with, and its default options.
 DEFAULT_SPECS = {
     "ocr": {"name": "ocr", "engine": "rapidocr", "min_side": 256, "detection": "image"},
     "geneval": {"name": "geneval", "mode": "partial", "detector": DEFAULT_DETECTOR_ID, "clip": DEFAULT_CLIP_ID},
     "brightness": {"name": "brightness"},
-    "tiny-geneval": {"name": "geneval", "mode": "partial", "detector": SHAPES_DETECTOR, "clip": None},
 }
 
 
@@ -37,12 +36,20 @@ def build_reward(spec: dict) -> Reward:
         from gdro_ray.rewards.geneval_backend import ClipColorClassifier, TransformersDetector
 
         detector_id, clip_id = options.pop("detector"), options.pop("clip")
-        if detector_id == SHAPES_DETECTOR:  # the tiny world's detector knows each object's colour itself
-            from gdro_ray.tiny_world.detector import ShapesDetector
-
-            return GenEvalReward(ShapesDetector(), None, **options)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        detector = TransformersDetector.from_pretrained(detector_id, device=device)
-        colors = ClipColorClassifier.from_pretrained(clip_id, device=device)
+        if ":" in detector_id:  # "module:Class", a Detector of this installation built with no arguments
+            detector = _import_attribute(detector_id)()
+        else:
+            detector = TransformersDetector.from_pretrained(detector_id, device=device)
+        # No colour classifier (clip None) for a detector that reads each object's colour itself.
+        colors = None if clip_id is None else ClipColorClassifier.from_pretrained(clip_id, device=device)
         return GenEvalReward(detector, colors, **options)
     raise ValueError(f"unknown reward {spec.get('name')!r}; known rewards: {sorted(DEFAULT_SPECS)}")
+
+
+def _import_attribute(path: str):
+    module_name, _, attribute = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"reward detector {path!r} names no importable 'module:Class' ({error})") from error

@@ -28,10 +28,6 @@ class Reward(ABC):
     def load(self) -> None:
         """Load the models now (rewards may load lazily), so that a missing model stops a run at its start."""
 
-    def spec(self) -> dict:
-        """What the manifest records about this reward: its name and every setting that changes scores."""
-        return {"name": self.name}
-
 
 def score_safely(reward: Reward, images: list[Image.Image], metadata: list[dict]) -> list[RewardResult]:
     """Score a batch; an image whose scoring fails gets 0 with the error in its details.

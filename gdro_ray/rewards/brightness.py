@@ -1,7 +1,8 @@
 """A pixel-statistics reward: the mean intensity of an image, in [0, 1].
 
-It needs no model, so it scores a randomly initialised tiny FLUX meaningfully: the smoke-test reward
-of the preview job and of the training tests, where OCR and GenEval would score every image 0.
+It needs no model, so it scores a randomly initialised tiny FLUX meaningfully: a smoke-test reward
+(`--reward '{"name": "brightness"}'`, and the training tests), where OCR and GenEval would score every
+image of such a model 0.
 """
 
 import numpy as np

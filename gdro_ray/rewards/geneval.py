@@ -62,11 +62,6 @@ class Detection:
 class Detector(ABC):
     """Finds the objects in one image, labelled with GenEval's class names."""
 
-    @property
-    @abstractmethod
-    def backend_id(self) -> str:
-        """Names the model, for the reward's spec."""
-
     @abstractmethod
     def detect(self, image: Image.Image) -> list[Detection]:
         """Every detection with its score; the reward applies GenEval's thresholds itself."""
@@ -74,11 +69,6 @@ class Detector(ABC):
 
 class ColorClassifier(ABC):
     """Names the colour of detected objects."""
-
-    @property
-    @abstractmethod
-    def backend_id(self) -> str:
-        """Names the model, for the reward's spec."""
 
     @abstractmethod
     def classify(self, image: Image.Image, detections: list[Detection]) -> list[str]:
@@ -353,18 +343,6 @@ class GenEvalReward(Reward):
         self.detector = detector
         self.color_classifier = color_classifier
         self.mode = mode
-
-    def spec(self) -> dict:
-        return {
-            "name": self.name,
-            "mode": self.mode,
-            "detector": self.detector.backend_id,
-            "color_classifier": None if self.color_classifier is None else self.color_classifier.backend_id,
-            "confidence_threshold": CONFIDENCE_THRESHOLD,
-            "counting_confidence_threshold": COUNTING_CONFIDENCE_THRESHOLD,
-            "max_objects_per_class": MAX_OBJECTS_PER_CLASS,
-            "position_margin": POSITION_MARGIN,
-        }
 
     def score(self, images: list[Image.Image], metadata: list[dict]) -> list[RewardResult]:
         tasks = [parse_task(record) for record in metadata]  # bad metadata fails before any model runs

@@ -43,11 +43,6 @@ def geneval_class(label: str) -> str | None:
     return name if name in GENEVAL_CLASSES else None
 
 
-def _backend_id(model: torch.nn.Module) -> str:
-    source = model.config.name_or_path
-    return f"{type(model).__name__}:{source}" if source else type(model).__name__
-
-
 def _load(model_class, processor_class, source: str, revision: str | None):
     """Model and processor from a local directory or a hub id; an error that names the source otherwise."""
     options = {"trust_remote_code": False} | ({"revision": revision} if revision else {})
@@ -77,17 +72,13 @@ class TransformersDetector(Detector):
             int(index): name for index, label in model.config.id2label.items() if (name := geneval_class(label))
         }
         if not self.classes:
-            raise ValueError(f"detector {self.backend_id} has no label among GenEval's 80 COCO classes")
+            raise ValueError(f"detector {model.config.name_or_path or type(model).__name__} has no label among GenEval's 80 COCO classes")
 
     @classmethod
     def from_pretrained(
         cls, source: str = DEFAULT_DETECTOR_ID, device: str | torch.device = "cpu", revision: str | None = None
     ) -> "TransformersDetector":
         return cls(*_load(AutoModelForObjectDetection, AutoImageProcessor, source, revision), device=device)
-
-    @property
-    def backend_id(self) -> str:
-        return _backend_id(self.model)
 
     @torch.no_grad()
     def detect(self, image: Image.Image) -> list[Detection]:
@@ -136,10 +127,6 @@ class ClipColorClassifier(ColorClassifier):
         cls, source: str = DEFAULT_CLIP_ID, device: str | torch.device = "cpu", revision: str | None = None
     ) -> "ClipColorClassifier":
         return cls(*_load(CLIPModel, AutoProcessor, source, revision), device=device)
-
-    @property
-    def backend_id(self) -> str:
-        return _backend_id(self.model)
 
     @torch.no_grad()
     def classify(self, image: Image.Image, detections: list[Detection]) -> list[str]:

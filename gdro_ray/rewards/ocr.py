@@ -147,8 +147,7 @@ class OCRReward(Reward):
 
     engine: a name in OCR_ENGINES. min_side: images whose shorter side is smaller are upscaled to it
     before reading. detection: a name in OCR_DETECTION (one other than "image" for rapidocr only). The
-    engine is built at the first batch and reused, so a reward object built only to record its spec loads
-    no model, and a Ray actor loads it once.
+    engine is built at the first batch (or by load()) and reused, so a Ray actor loads it once.
     """
 
     name = "ocr"
@@ -189,6 +188,3 @@ class OCRReward(Reward):
             reward=ocr_score(recognised, target),
             details={"recognised": recognised, "target": target, "distance": ocr_distance(recognised, target)},
         )
-
-    def spec(self) -> dict:
-        return {"name": self.name, "engine": self.engine_name, "min_side": self.min_side, "detection": self.detection}

@@ -135,10 +135,6 @@ class ShapesDetector(Detector):
         self.max_off_segment = max_off_segment
         self.color_names = sorted(SHAPE_COLORS)
 
-    @property
-    def backend_id(self) -> str:
-        return f"shapes-opencv(min_area={self.min_area_fraction},ink>{self.min_amount},off<={self.max_off_segment})"
-
     def detect(self, image: Image.Image) -> list[Detection]:
         pixels = np.asarray(image.convert("RGB"))
         reading = read_inks(pixels, [SHAPE_COLORS[name] for name in self.color_names])

@@ -27,7 +27,7 @@ from diffusers.training_utils import EMAModel, compute_density_for_timestep_samp
 
 from gdro_ray.data.prompts import NUMBER_WORDS, is_heldout
 from gdro_ray.flow import noisy_latents, velocity_target
-from gdro_ray.models.tiny_flux import TinyFluxConfig, build_tiny_flux_pipeline
+from gdro_ray.tiny_world.model import TinyFluxConfig, build_tiny_flux_pipeline
 from gdro_ray.tiny_world.glyphs import GLYPH_ALPHABET, GLYPH_LENGTHS, random_glyph_prompt, render_glyphs
 from gdro_ray.tiny_world.shapes import COUNTS, SHAPE_CLASSES, SHAPE_COLORS, shapes_stream, render_shapes
 

@@ -18,7 +18,7 @@ import torch
 
 from gdro_ray.data.records import tensor_from_bytes
 from gdro_ray.data.shards import read_shards
-from gdro_ray.models.base import PromptEmbeddings
+from gdro_ray.models.base import PromptEmbeddings, SamplerSettings
 from gdro_ray.train.step import GroupBatch
 
 TRAINING_COLUMNS = [
@@ -80,7 +80,6 @@ def group_batch(rows: list[dict], k: int, generator: torch.Generator) -> GroupBa
         masks.append(torch.arange(k) < len(pick))
     sequence = torch.stack([tensor_from_bytes(r["prompt_embeds"], r["prompt_embeds_shape"], r["embeds_dtype"]) for r in rows])
     pooled = torch.stack([tensor_from_bytes(r["pooled_embeds"], r["pooled_embeds_shape"], r["embeds_dtype"]) for r in rows])
-    sampler = json.loads(rows[0]["sampler"])
     mask = torch.stack(masks)
     return GroupBatch(torch.stack(latents), torch.stack(rewards), PromptEmbeddings(sequence, pooled),
-                      sampler["height"], sampler["width"], None if mask.all() else mask)
+                      SamplerSettings.from_dict(json.loads(rows[0]["sampler"])), None if mask.all() else mask)

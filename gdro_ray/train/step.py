@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gdro_ray.flow import TimestepSampler, noise_groups, sample_group_noise
-from gdro_ray.models.base import FlowModel, PromptEmbeddings
+from gdro_ray.models.base import FlowModel, PromptEmbeddings, SamplerSettings
 from gdro_ray.objective import REDUCTIONS, gdro_loss, implicit_reward, top1_regulariser, velocity_error
 
 
@@ -37,13 +37,13 @@ class GDROLossConfig:
 
 @dataclass
 class GroupBatch:
-    """B groups of k members: latents (B, k, N, C), rewards and mask (B, k), one prompt per group."""
+    """B groups of k members: latents (B, k, N, C), rewards and mask (B, k), one prompt per group, and the
+    sampler they were generated with (its size and distilled guidance condition the velocities)."""
 
     latents: torch.Tensor
     rewards: torch.Tensor
     prompts: PromptEmbeddings
-    height: int
-    width: int
+    sampler: SamplerSettings
     mask: torch.Tensor | None = None
 
 
@@ -68,9 +68,9 @@ def gdro_batch_loss(
     x_t, target = x_t.flatten(0, 1), target.flatten(0, 1)
     times = t.repeat_interleave(k)
     members = batch.prompts.select(torch.arange(groups).repeat_interleave(k))
-    policy = model.velocity(x_t, times, members, batch.height, batch.width)
+    policy = model.velocity(x_t, times, members, batch.sampler)
     with torch.no_grad(), model.reference():
-        reference = model.velocity(x_t, times, members, batch.height, batch.width)
+        reference = model.velocity(x_t, times, members, batch.sampler)
     target = target.to(policy.device)
     policy_error = velocity_error(policy, target, config.reduction).view(groups, k)
     reference_error = velocity_error(reference, target, config.reduction).view(groups, k)

@@ -8,6 +8,7 @@
 
 import contextlib
 import dataclasses
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -18,10 +19,11 @@ from ray.data import ExecutionOptions, ExecutionResources
 from ray.train.torch import TorchTrainer
 
 from gdro_ray.config import TrainConfig, save_yaml
+from gdro_ray.console import StageConsole
 from gdro_ray.data.shards import shard_paths
 from gdro_ray.resource_plan import cluster_ready_for, read_capacity, training_plan, uses_gpus, worker_resources
 from gdro_ray.train.groups import check_enough_groups, ranked_prompt_ids, read_ranked_groups
-from gdro_ray.train.worker import train_worker
+from gdro_ray.train.worker import Evaluator, train_worker
 
 
 def group_dataset(config: TrainConfig) -> tuple[ray.data.Dataset, dict]:
@@ -38,18 +40,23 @@ def group_dataset(config: TrainConfig) -> tuple[ray.data.Dataset, dict]:
     return dataset, counts
 
 
-def run_training(config: TrainConfig, callbacks: list | None = None, log=print,
-                 wait_for_cluster: bool = True) -> ray.train.Result:
-    """Train (or resume) config.name; callbacks join the RunConfig (a Tune trial passes TuneReportCallback).
-    First makes sure the cluster holds the training plan (resource_plan.cluster_ready_for), unless told not to."""
+def run_training(config: TrainConfig, evaluator: Evaluator | None = None, callbacks: list | None = None, log=print,
+                 wait_for_cluster: bool = True, console: bool = True) -> ray.train.Result:
+    """Train (or resume) config.name. evaluator: held-out scoring every eval_every steps (the recipe's); callbacks
+    join the RunConfig (a Tune trial passes TuneReportCallback); console: a progress bar and metric lines here
+    (a sweep's trials have none). First makes sure the cluster holds the training plan
+    (resource_plan.cluster_ready_for), unless told not to."""
     dataset, counts = group_dataset(config)
-    log(f"[gdro train] dataset {config.data}: {json.dumps(counts)}")
+    log(f"[train] dataset {config.data}: {json.dumps(counts)}")
     use_gpu = uses_gpus(config.use_gpu, read_capacity())
     workers = config.num_workers if config.max_workers is None else (config.num_workers, config.max_workers)
     # Ray Data gets what the workers leave; capped at the reader's share, it never takes a CPU a worker was planned on.
     reader_limits = ExecutionOptions(resource_limits=ExecutionResources(cpu=config.reader_cpus))
+    progress = StageConsole(config.steps, "train", "step") if console else None
+    worker = functools.partial(train_worker, evaluator=evaluator if config.eval_every else None,
+                               progress=progress.remote if progress else None)
     trainer = TorchTrainer(
-        train_worker,
+        worker,
         train_loop_config=dataclasses.asdict(config),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                                resources_per_worker=worker_resources(config, use_gpu)),
@@ -64,7 +71,8 @@ def run_training(config: TrainConfig, callbacks: list | None = None, log=print,
         dataset_config=ray.train.DataConfig(execution_options=reader_limits),
     )
     plan = training_plan(config, use_gpu)
-    with cluster_ready_for(plan, log) if wait_for_cluster else contextlib.nullcontext():
+    with cluster_ready_for(plan, log) if wait_for_cluster else contextlib.nullcontext(), \
+            progress or contextlib.nullcontext():
         result = trainer.fit()
     export_lora(result.checkpoint, config)
     return result

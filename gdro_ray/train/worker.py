@@ -1,17 +1,22 @@
-"""The GDRO training loop that runs on every Ray Train worker.
+"""The GDRO training loop that runs on every Ray Train worker, in the order a reader follows it:
 
-Per optimiser step, for each of grad_accumulation micro-batches: B groups from this worker's dataset
-shard, k members drawn per group, one (t, eps) per group, policy velocities of all B*k latents in one
-forward, reference velocities with the LoRA off under no_grad, L_GDRO + gamma * L_reg in float32. A
-non-finite loss on any worker skips that micro-batch on all of them (so collectives stay in step);
-max_nonfinite_steps in a row stop the run before the LoRA is corrupted. With an evaluation set, rank 0
-samples held-out prompts with the EMA LoRA every eval_every steps (and at step 0, the base model).
+    setup     the model with a fresh LoRA, optimiser, schedule, DeepSpeed or DDP, EMA of the LoRA
+    restore   the latest checkpoint's weights, optimiser, EMA, step and random state, if there is one
+    step      per micro-batch: B groups from this worker's shard, k members drawn per group, one (t, eps)
+              per group, policy and reference velocities, L_GDRO + gamma * L_reg in float32; a non-finite
+              loss on any worker skips the micro-batch on all of them (collectives stay in step), and
+              max_nonfinite_steps in a row stop the run before the LoRA is corrupted
+    evaluate  with an evaluator handed in by the recipe, rank 0 scores the EMA LoRA on held-out prompts
+              every eval_every steps (and at step 0: the base model)
+    report    every log_every steps: metrics to Ray Train, TensorBoard and the console; a checkpoint every
+              checkpoint_every steps and at the end
 """
 
 import contextlib
-import dataclasses
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray.train
@@ -22,21 +27,70 @@ from diffusers.training_utils import EMAModel
 from torch.utils.tensorboard import SummaryWriter
 
 from gdro_ray.config import TrainConfig
+from gdro_ray.console import StageProgress, quiet_libraries
 from gdro_ray.flow import TimestepSampler
-from gdro_ray.models import LoraSpec, load_flow_model
+from gdro_ray.models import FlowModel, LoraSpec, load_flow_model
+from gdro_ray.profiles import profile_for
 from gdro_ray.train.groups import TRAINING_COLUMNS, group_batch
 from gdro_ray.train.metrics import ranking_agreement
-from gdro_ray.train.periodic_eval import PeriodicEvaluator, load_eval_set
-from gdro_ray.train.step import GDROLossConfig, gdro_batch_loss
+from gdro_ray.train.step import GDROLossConfig, GroupBatch, gdro_batch_loss
 from gdro_ray.train.strategies import DataParallelStrategy, DeepSpeedStrategy
+
+Evaluator = Callable[[FlowModel], dict]  # model -> {"eval_reward": ..., ...}
 
 
 class NonFiniteLossError(RuntimeError):
     pass
 
 
-def train_worker(values: dict) -> None:
+def train_worker(values: dict, evaluator: Evaluator | None = None, progress: StageProgress | None = None) -> None:
     config = TrainConfig(**values)
+    quiet_libraries()
+    run = setup(config)
+    console = (progress or StageProgress()) if run.rank == 0 else StageProgress(silent=True)
+    step = restore(run, console)
+    attempt_start = step
+    writer = SummaryWriter(str(config.run_directory / "tensorboard")) if run.rank == 0 else None
+    last_eval = {}  # carried in every later report, so schedulers always see the latest held-out score
+    if evaluator is not None and step == 0:
+        last_eval = evaluate(run, evaluator, 0, writer)
+    batches = _batches(ray.train.get_dataset_shard("train"), config, run.generator)
+    guard, window = _NonFiniteGuard(config.max_nonfinite_steps), _Window(run.world)
+    while step < config.steps:
+        if not micro_step(run, next(batches), guard, window, console, step):
+            continue
+        step += 1
+        evaluating = evaluator is not None and (step % config.eval_every == 0 or step == config.steps)
+        if evaluating:
+            last_eval = evaluate(run, evaluator, step, writer)
+        checkpointing = step % config.checkpoint_every == 0 or step == config.steps
+        if checkpointing or evaluating or step % config.log_every == 0:
+            metrics = {"step": step, "attempt_start_step": attempt_start, **window.flush(),
+                       "grad_norm": run.strategy.grad_norm(), "lr": run.scheduler.get_last_lr()[0],
+                       "skipped_nonfinite": guard.skipped, **last_eval}
+            report(run, metrics, writer, console, checkpoint=checkpointing)
+    if writer is not None:
+        writer.close()
+
+
+@dataclass
+class WorkerRun:
+    """Everything one worker trains with."""
+
+    config: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    model: FlowModel
+    trainable: list
+    strategy: DeepSpeedStrategy | DataParallelStrategy
+    scheduler: object
+    ema: EMAModel | None
+    generator: torch.Generator
+    loss_config: GDROLossConfig | None = None  # made on the first batch: FLUX's timestep shift needs its size
+
+
+def setup(config: TrainConfig) -> WorkerRun:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -46,8 +100,8 @@ def train_worker(values: dict) -> None:
         # FLUX's bf16 attention on an H200 with torch 2.11; the flash and efficient kernels train fine.
         torch.backends.cuda.enable_cudnn_sdp(False)
     torch.manual_seed(config.seed)  # the same fresh LoRA on every worker
-
-    model = load_flow_model(config.model, device=device, revision=config.revision, text_encoders=False)
+    model = load_flow_model(profile_for(config.model).weights, device=device, revision=config.revision,
+                            text_encoders=False)
     model.add_lora(LoraSpec(rank=config.lora_rank, alpha=config.lora_alpha))
     model.set_gradient_checkpointing(config.gradient_checkpointing)
     model.transformer.train()
@@ -64,103 +118,85 @@ def train_worker(values: dict) -> None:
         ema = EMAModel(trainable, decay=config.ema_decay) if config.ema_decay > 0 else None
     if ema is not None:
         ema.to(device=device, dtype=torch.float32)  # an EMA kept in bf16 would lose its small updates
-
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
-    step = 0
+    return WorkerRun(config, rank, world, device, model, trainable, strategy, scheduler, ema, generator)
+
+
+def restore(run: WorkerRun, console: StageProgress) -> int:
+    """Load the latest checkpoint into the run; the step to go on from (0 on a fresh run)."""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            client_state = strategy.load(Path(directory))
-            step = client_state["step"]
-            if ema is not None:
-                ema.load_state_dict(client_state["ema"])
-                ema.to(device=device, dtype=torch.float32)
-            rng_file = Path(directory) / f"rng-{rank}.pt"
-            if rng_file.exists():  # absent when an elastic restart has more workers than before
-                generator.set_state(torch.load(rng_file, weights_only=True))
-        _log(rank, f"resumed at step {step} from {checkpoint.path}")
-    start_step = step
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory:
+        client_state = run.strategy.load(Path(directory))
+        if run.ema is not None:
+            run.ema.load_state_dict(client_state["ema"])
+            run.ema.to(device=run.device, dtype=torch.float32)
+        rng_file = Path(directory) / f"rng-{run.rank}.pt"
+        if rng_file.exists():  # absent when an elastic restart has more workers than before
+            run.generator.set_state(torch.load(rng_file, weights_only=True))
+    console.message(f"resumed at step {client_state['step']} from {checkpoint.path}")
+    return client_state["step"]
 
-    loss_config = None
-    writer = SummaryWriter(str(config.run_directory / "tensorboard")) if rank == 0 else None
-    evaluator = PeriodicEvaluator(load_eval_set(config.eval_set)) if config.eval_set and config.eval_every else None
-    last_eval = {}  # carried in every later report, so schedulers always see the latest held-out score
 
-    def evaluate(at_step: int) -> dict:
-        with strategy.full_parameters():
-            if rank != 0:
-                return {}
-            with _ema_weights(ema, trainable):
-                model.transformer.eval()
-                scores = evaluator(model)
-                model.transformer.train()
-        for name, value in scores.items():
-            writer.add_scalar(f"eval/{name.removeprefix('eval_')}", value, at_step)
-        _log(rank, f"step {at_step}: " + " ".join(f"{k}={v:.4g}" for k, v in scores.items()))
-        return scores
+def micro_step(run: WorkerRun, batch: GroupBatch, guard: "_NonFiniteGuard", window: "_Window",
+               console: StageProgress, step: int) -> bool:
+    """Forward and backward of one micro-batch; True when it completed an optimiser step."""
+    if run.loss_config is None:
+        config = run.config
+        run.loss_config = GDROLossConfig(beta=config.beta, tau=config.tau, gamma=config.gamma,
+                                         reduction=config.reduction, timesteps=_timestep_sampler(run, batch))
+    result = gdro_batch_loss(run.model, batch, run.loss_config, run.generator)
+    if not _finite_everywhere(result.loss, run.device):
+        guard.skip(step)
+        console.message(f"step {step}: non-finite loss, micro-batch skipped ({guard.in_a_row} in a row)")
+        return False
+    guard.reset()
+    run.strategy.backward(result.loss)
+    window.add(result, batch)
+    if not run.strategy.micro_step():
+        return False
+    if run.ema is not None:
+        with run.strategy.full_parameters():
+            run.ema.step(run.trainable)
+    return True
 
-    if evaluator is not None and step == 0:
-        last_eval = evaluate(0)
-    batches = _batches(ray.train.get_dataset_shard("train"), config, generator)
-    nonfinite_in_a_row, skipped_total = 0, 0
-    window = _Window(world)
-    while step < config.steps:
-        batch = next(batches)
-        if loss_config is None:  # FLUX's timestep shift depends on the dataset's image size
-            loss_config = GDROLossConfig(beta=config.beta, tau=config.tau, gamma=config.gamma,
-                                         reduction=config.reduction, timesteps=_sampler(config, model, batch))
-        result = gdro_batch_loss(model, batch, loss_config, generator)
-        if not _finite_everywhere(result.loss, device):
-            nonfinite_in_a_row, skipped_total = nonfinite_in_a_row + 1, skipped_total + 1
-            _log(rank, f"step {step}: non-finite loss, micro-batch skipped ({nonfinite_in_a_row} in a row)")
-            if nonfinite_in_a_row >= config.max_nonfinite_steps:
-                raise NonFiniteLossError(
-                    f"{nonfinite_in_a_row} non-finite losses in a row at step {step}: stopping before the LoRA is "
-                    "corrupted. Lower beta or the learning rate, or check the dataset's latents and rewards."
-                )
-            continue
-        nonfinite_in_a_row = 0
-        strategy.backward(result.loss)
-        window.add(result, batch)
-        if not strategy.micro_step():
-            continue
-        step += 1
-        if ema is not None:
-            with strategy.full_parameters():
-                ema.step(trainable)
-        evaluating = evaluator is not None and (step % config.eval_every == 0 or step == config.steps)
-        if evaluating:
-            last_eval = evaluate(step)
-        if step % config.log_every and step % config.checkpoint_every and step != config.steps and not evaluating:
-            continue
-        metrics = {"step": step, "attempt_start_step": start_step, **window.flush(), "grad_norm": strategy.grad_norm(),
-                   "lr": scheduler.get_last_lr()[0], "skipped_nonfinite": skipped_total, **last_eval}
-        if writer is not None:
-            for name, value in metrics.items():
-                writer.add_scalar(f"train/{name}", value, step)
-            _log(rank, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            _report_with_checkpoint(metrics, strategy, model, ema, trainable, generator, step, rank)
-        else:
-            ray.train.report(metrics)
+
+def evaluate(run: WorkerRun, evaluator: Evaluator, step: int, writer) -> dict:
+    """Rank 0 scores the EMA LoRA (every rank takes part in gathering ZeRO-3's parameters)."""
+    with run.strategy.full_parameters():
+        if run.rank != 0:
+            return {}
+        with _ema_weights(run.ema, run.trainable):
+            run.model.transformer.eval()
+            scores = evaluator(run.model)
+            run.model.transformer.train()
+    for name, value in scores.items():
+        writer.add_scalar(f"eval/{name.removeprefix('eval_')}", value, step)
+    return scores
+
+
+def report(run: WorkerRun, metrics: dict, writer, console: StageProgress, checkpoint: bool) -> None:
+    step = metrics["step"]
     if writer is not None:
-        writer.close()
-
-
-def _report_with_checkpoint(metrics, strategy, model, ema, trainable, generator, step, rank) -> None:
-    """Every rank writes its part (DeepSpeed: its optimiser shard) into one checkpoint; rank 0 adds the
-    LoRA and its EMA in diffusers' format, ready to load with FluxPipeline.load_lora_weights."""
+        for name, value in metrics.items():
+            writer.add_scalar(f"train/{name}", value, step)
+    console.metrics(step, run.config.steps, metrics)
+    if not checkpoint:
+        ray.train.report(metrics)
+        return
+    # Every rank writes its part (DeepSpeed: its optimiser shard) into one checkpoint; rank 0 adds the LoRA
+    # and its EMA in diffusers' format, ready to load with FluxPipeline.load_lora_weights.
     with tempfile.TemporaryDirectory() as directory:
         directory = Path(directory)
-        client_state = {"step": step, "ema": ema.state_dict() if ema is not None else None}
-        strategy.save(directory, client_state)
-        torch.save(generator.get_state(), directory / f"rng-{rank}.pt")
-        with strategy.full_parameters():
-            if rank == 0:
-                model.save_lora(directory / "lora")
-                if ema is not None:
-                    with _ema_weights(ema, trainable):
-                        model.save_lora(directory / "ema_lora")
+        run.strategy.save(directory, {"step": step, "ema": run.ema.state_dict() if run.ema is not None else None})
+        torch.save(run.generator.get_state(), directory / f"rng-{run.rank}.pt")
+        with run.strategy.full_parameters():
+            if run.rank == 0:
+                run.model.save_lora(directory / "lora")
+                if run.ema is not None:
+                    with _ema_weights(run.ema, run.trainable):
+                        run.model.save_lora(directory / "ema_lora")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
 
 
@@ -202,10 +238,11 @@ def _batches(shard, config: TrainConfig, generator: torch.Generator, replay_limi
             yield group_batch(table.to_pylist(), config.k, generator)
 
 
-def _sampler(config: TrainConfig, model, batch) -> TimestepSampler:
-    if config.timesteps == "flux_shift":
-        return TimestepSampler("flux_shift", shift_mu=model.timestep_shift_mu(batch.height, batch.width))
-    return TimestepSampler(config.timesteps)
+def _timestep_sampler(run: WorkerRun, batch: GroupBatch) -> TimestepSampler:
+    if run.config.timesteps == "flux_shift":
+        return TimestepSampler("flux_shift", shift_mu=run.model.timestep_shift_mu(batch.sampler.height,
+                                                                                   batch.sampler.width))
+    return TimestepSampler(run.config.timesteps)
 
 
 def _finite_everywhere(loss: torch.Tensor, device: torch.device) -> bool:
@@ -215,20 +252,35 @@ def _finite_everywhere(loss: torch.Tensor, device: torch.device) -> bool:
     return bool(finite.item())
 
 
-def _log(rank: int, message: str) -> None:
-    if rank == 0:
-        print(f"[gdro train] {message}", flush=True)
+@dataclass
+class _NonFiniteGuard:
+    """Counts skipped micro-batches; too many in a row stop the run."""
+
+    limit: int
+    in_a_row: int = 0
+    skipped: int = 0
+
+    def skip(self, step: int) -> None:
+        self.in_a_row, self.skipped = self.in_a_row + 1, self.skipped + 1
+        if self.in_a_row >= self.limit:
+            raise NonFiniteLossError(
+                f"{self.in_a_row} non-finite losses in a row at step {step}: stopping before the LoRA is "
+                "corrupted. Lower beta or the learning rate, or check the dataset's latents and rewards."
+            )
+
+    def reset(self) -> None:
+        self.in_a_row = 0
 
 
-@dataclasses.dataclass
+@dataclass
 class _Window:
     """Metrics averaged over the micro-batches since the last report."""
 
     workers: int
-    sums: dict = dataclasses.field(default_factory=dict)
+    sums: dict = field(default_factory=dict)
     count: int = 0
     samples: int = 0
-    started: float = dataclasses.field(default_factory=time.perf_counter)
+    started: float = field(default_factory=time.perf_counter)
 
     def add(self, result, batch) -> None:
         values = {"loss": result.loss.item(), "loss_gdro": result.gdro.item(), "loss_top1": result.top1.item(),

@@ -8,58 +8,58 @@ Resume: prompts already in a shard are left out before the pipeline starts, so a
 finished, a killed or a failed run) generates each missing prompt once and no prompt twice.
 """
 
-import argparse
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import ray
 from tqdm import tqdm
 
+from gdro_ray.cli import option
+from gdro_ray.console import quiet_libraries
 from gdro_ray.data.manifest import MANIFEST_NAME, check_resumable, write_manifest
-from gdro_ray.data.prompts import PromptRecord, load_prompts
+from gdro_ray.data.prompts import PromptRecord
 from gdro_ray.data.records import image_to_png, png_to_image, tensor_to_bytes
 from gdro_ray.data.shards import read_shards, remove_partial_shards, shard_paths, write_shard, written_prompt_ids
-from gdro_ray.models import TINY, default_image_size, default_sampler_steps, load_flow_model
+from gdro_ray.models import SamplerSettings, load_flow_model
+from gdro_ray.profiles import DEFAULT_MODEL, profile_for
 from gdro_ray.resource_plan import StagePlan, cluster_ready_for, generation_plan, read_capacity
 from gdro_ray.rewards import build_reward
 from gdro_ray.rewards.base import score_safely
-from gdro_ray.tasks import prompt_set, reward_for_task
 
 
 @dataclass
 class GenerationConfig:
     """Settings of one group dataset. Fields up to ``reward`` decide its content (the manifest's identity)."""
 
-    task: str = "ocr"  # ocr, geneval (on the tiny model: its glyphs and shapes worlds), or custom
-    model: str = TINY  # "tiny", a diffusers FLUX directory, or a hub id
-    revision: str | None = None
-    prompt_file: str | None = None
-    split: str = "train"
-    seed: int = 0
-    k: int = 16  # images generated per prompt (k_gen); training later draws k <= k_gen of them
-    height: int | None = None  # None: models.default_image_size
-    width: int | None = None
-    num_steps: int | None = None  # None: models.default_sampler_steps
-    guidance_scale: float = 3.5  # FLUX.1-dev's distilled guidance
-    cfg_scale: float = 1.0  # classifier-free guidance against the empty prompt (> 1: twice the sampling cost)
-    reward: dict = field(default_factory=dict)  # {"name": ..., options} over the task's default reward
-    num_prompts: int = 64
-    out: str = "runs/groups"
-    prompts_per_batch: int = 4
-    generation_actors: tuple[int, int] = (1, 1)  # (min, max): the pool grows with the cluster up to max
-    scoring_actors: tuple[int, int] = (1, 1)
-    gpus_per_generator: float | None = None  # None: 1 when the cluster has or can get GPUs, else 0
-    gpus_per_scorer: float = 0.0
+    task: str = option("ocr", "ocr, geneval, or custom (with --prompt-file)")
+    model: str = option(DEFAULT_MODEL, "'tiny' (the embedded model), a diffusers FLUX directory, or a hub id")
+    revision: str | None = option(None, "hub revision of --model")
+    prompt_file: str | None = option(None, "a .txt (one OCR prompt a line) or GenEval .jsonl file")
+    split: str = option("train", "which split of the prompts", choices=("train", "heldout"))
+    seed: int = option(0, "dataset seed: decides the prompts, their split and every image's noise")
+    k: int = option(16, "images generated per prompt (k_gen); training later draws k <= k_gen of them")
+    sampler: SamplerSettings | None = option(None, "how to sample (default: the model's own)")
+    reward: dict = option(help="reward spec as JSON over the task's, e.g. '{\"mode\": \"strict\"}'",
+                          default_factory=dict)
+    num_prompts: int = option(64, "prompts of the dataset")
+    out: str = option("runs/groups", "dataset directory")
+    prompts_per_batch: int = option(4, "prompts per generation batch (one shard per scored batch)")
+    generation_actors: tuple[int, int] = option((1, 1), "MIN,MAX generation actors: the pool grows with the cluster",
+                                                 pair_from_one=True)
+    scoring_actors: tuple[int, int] = option((1, 1), "MIN,MAX scoring actors", pair_from_one=True)
+    gpus_per_generator: float | None = option(None, "default: 1 when the cluster has or can get GPUs, else 0")
+    gpus_per_scorer: float = option(0.0, "GPUs per scoring actor")
 
     def __post_init__(self):
-        self.height = self.height or default_image_size(self.model)
-        self.width = self.width or default_image_size(self.model)
-        self.num_steps = self.num_steps or default_sampler_steps(self.model)
-        self.reward = reward_for_task(self.task, self.model, self.prompt_file, self.reward)
+        if self.prompt_file is not None and not Path(self.prompt_file).is_file():
+            raise FileNotFoundError(f"prompt file {self.prompt_file!r} does not exist")
+        profile = profile_for(self.model)  # refuses a model that is neither a directory nor a hub id
+        self.sampler = self.sampler or profile.sampler
+        self.reward = profile.reward_spec(self.task, self.prompt_file, self.reward)
         if self.k < 2:
             raise ValueError(f"k (images per prompt) must be >= 2 to form a group, got {self.k}")
         if self.num_prompts < 1:
@@ -78,24 +78,13 @@ class GenerationConfig:
             "split": self.split,
             "seed": self.seed,
             "k": self.k,
-            "sampler": self.sampler(),
+            "sampler": self.sampler.to_dict(),
             "reward": self.reward,
         }
 
-    def sampler(self) -> dict:
-        return {"height": self.height, "width": self.width, "num_steps": self.num_steps,
-                "guidance_scale": self.guidance_scale, "cfg_scale": self.cfg_scale}
-
-
-def parse_pool(text: str) -> tuple[int, int]:
-    """An actor pool's size from the command line: '2' -> (2, 2); '1,8' -> (1, 8)."""
-    try:
-        parts = [int(part) for part in text.split(",")]
-    except ValueError:
-        parts = []
-    if len(parts) not in (1, 2):
-        raise argparse.ArgumentTypeError(f"expected MIN,MAX or N, got {text!r}")
-    return (parts[0], parts[-1])
+    def prompts(self) -> list[PromptRecord]:
+        return profile_for(self.model).prompts(self.task, split=self.split, num_prompts=self.num_prompts,
+                                               seed=self.seed, prompt_file=self.prompt_file)
 
 
 def derive_seed(dataset_seed: int, prompt_id: str, index: int) -> int:
@@ -108,9 +97,9 @@ class GroupGenerator:
     """Ray Data actor: one model replica; turns a batch of prompts into groups of k images."""
 
     def __init__(self, config: GenerationConfig):
+        quiet_libraries()
         self.config = config
-        self.model = load_flow_model(config.model, revision=config.revision)
-        self.model.guidance_scale, self.model.cfg_scale = config.guidance_scale, config.cfg_scale
+        self.model = load_flow_model(profile_for(config.model).weights, revision=config.revision)
 
     def __call__(self, batch: dict) -> pa.Table:
         config, started = self.config, time.perf_counter()
@@ -118,7 +107,7 @@ class GroupGenerator:
         rows = []
         for index, prompt_id in enumerate(batch["prompt_id"]):
             seeds = [derive_seed(config.seed, str(prompt_id), i) for i in range(config.k)]
-            group = self.model.generate(prompts.select([index]), seeds, config.height, config.width, config.num_steps)
+            group = self.model.generate(prompts.select([index]), seeds, config.sampler)
             latents, latents_shape, latents_dtype = tensor_to_bytes(group.latents)
             sequence, sequence_shape, embeds_dtype = tensor_to_bytes(prompts.sequence[index])
             pooled, pooled_shape, _ = tensor_to_bytes(prompts.pooled[index])
@@ -138,7 +127,7 @@ class GroupGenerator:
                     "pooled_embeds": pooled,
                     "pooled_embeds_shape": pooled_shape,
                     "embeds_dtype": embeds_dtype,
-                    "sampler": json.dumps(config.sampler()),
+                    "sampler": json.dumps(config.sampler.to_dict()),
                 }
             )
         table = pa.Table.from_pylist(rows)
@@ -150,6 +139,7 @@ class GroupScorer:
     """Ray Data actor: one reward model; scores each group and writes the batch as one shard."""
 
     def __init__(self, config: GenerationConfig, shard_directory: str):
+        quiet_libraries()
         self.reward = build_reward(config.reward)
         self.reward.load()  # a reward model that cannot load fails the run here, not each image
         self.shard_directory = shard_directory
@@ -186,8 +176,7 @@ def pending_prompts(config: GenerationConfig, overwrite: bool = False) -> list[P
     check_resumable(out, config.identity())
     out.mkdir(parents=True, exist_ok=True)
     remove_partial_shards(out)
-    prompts = load_prompts(prompt_set(config.task, config.model), num_prompts=config.num_prompts, seed=config.seed,
-                           split=config.split, path=config.prompt_file)
+    prompts = config.prompts()
     done = written_prompt_ids(out)
     return [prompt for prompt in prompts if prompt.prompt_id not in done]
 
@@ -200,7 +189,7 @@ def generate_groups(config: GenerationConfig, overwrite: bool = False, progress:
     todo = pending_prompts(config, overwrite)
     out = Path(config.out)
     counts = {"groups": len(written_prompt_ids(out)), "images_per_group": config.k}
-    write_manifest(out, config.identity(), counts, complete=False)
+    write_manifest(out, config.identity(), counts, complete=False, prompt_file=config.prompt_file)
     stage_seconds = {"generation": 0.0, "scoring": 0.0, "writing": 0.0}
     if todo:
         plan = generation_plan(config, read_capacity())
@@ -216,7 +205,7 @@ def generate_groups(config: GenerationConfig, overwrite: bool = False, progress:
     counts["mean_reward"] = sum(map(sum, rewards)) / max(sum(map(len, rewards)), 1)
     counts["generated_this_run"] = len(todo)
     counts["seconds_per_group"] = {k: v / max(len(todo), 1) for k, v in stage_seconds.items()}
-    return write_manifest(out, config.identity(), counts, complete=True)
+    return write_manifest(out, config.identity(), counts, complete=True, prompt_file=config.prompt_file)
 
 
 def _pipeline(config: GenerationConfig, plan: StagePlan, prompts: list[PromptRecord]) -> ray.data.Dataset:

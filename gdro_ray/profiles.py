@@ -1,0 +1,115 @@
+"""What a model name means: the one place that answers it.
+
+A model name is "tiny" (the tiny FLUX embedded in the package) or a real checkpoint (a diffusers FLUX
+directory or a hub id). Everything that differs between them is a field of its ModelProfile: where the
+weights are, how to sample by default, the training presets, the prompt set and the reward of each task,
+and the default quality judge. The tiny world's answers live in gdro_ray/tiny_world/profile.py; the rest of
+the package asks here and never branches on a model name.
+"""
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from gdro_ray.data.prompts import PROMPT_SETS, PromptRecord, load_prompts
+from gdro_ray.models import SamplerSettings, check_model_source
+from gdro_ray.rewards import DEFAULT_SPECS
+from gdro_ray.rewards.quality import QualityJudge
+
+DEFAULT_MODEL = "tiny"
+TASKS = ("ocr", "geneval")
+
+# The paper's settings (GDRO, section 4): beta read on the mean over latent elements, which is how public
+# flow-DPO code reduces it; the tiny-world study in docs/results.md found beta ~ 10 best there too.
+PAPER_PRESETS = {
+    "ocr": dict(tau=0.05, gamma=0.5, beta=12.0, k=6, steps=300, lr=3e-4, lora_rank=32, lora_alpha=32.0),
+    "geneval": dict(tau=0.05, gamma=1.0, beta=6.0, k=6, steps=700, lr=3e-4, lora_rank=32, lora_alpha=32.0),
+}
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    weights: str  # a diffusers directory or a hub id
+    sampler: SamplerSettings  # how to sample when nothing else is asked
+    preset: str  # the name of its training presets
+    presets: Mapping[str, dict]  # task -> TrainConfig values
+    prompt_sets: Mapping[str, Callable[[int], Iterator[PromptRecord]]]  # task -> seed -> prompts
+    rewards: Mapping[str, dict]  # task -> reward spec (gdro_ray.rewards.build_reward)
+    judge: Callable[[], QualityJudge] | None  # the quality judge when none is given; None: one must be
+
+    def prompts(self, task: str, *, split: str, num_prompts: int | None, seed: int,
+                prompt_file: str | None = None) -> list[PromptRecord]:
+        """The first prompts of one split of a task's prompt set, or of a prompt file (task "custom")."""
+        if task == "custom":
+            return load_prompts("custom", path=prompt_file, num_prompts=num_prompts, seed=seed, split=split)
+        if task not in self.prompt_sets:
+            raise ValueError(f"unknown task {task!r}; known: {sorted(self.prompt_sets) + ['custom']}")
+        return load_prompts(self.prompt_sets[task], num_prompts=num_prompts, seed=seed, split=split)
+
+    def reward_spec(self, task: str, prompt_file: str | None = None, overrides: dict | None = None) -> dict:
+        """The full reward spec of a task, options given in overrides replacing the defaults; a custom prompt
+        file is scored by its format (.txt OCR, .jsonl GenEval)."""
+        name = task
+        if task == "custom":
+            if prompt_file is None:
+                raise ValueError("the custom task needs a prompt file (.txt for OCR, .jsonl for GenEval)")
+            name = "ocr" if Path(prompt_file).suffix == ".txt" else "geneval"
+        overrides = overrides or {}
+        name = overrides.get("name", name)
+        known = {**DEFAULT_SPECS, **self.rewards}
+        if name not in known:
+            raise ValueError(f"no reward for {name!r}; known rewards: {sorted(known)}")
+        return {**known[name], **overrides}
+
+
+FLUX_PROFILE = ModelProfile(
+    weights="",  # the model name itself
+    sampler=SamplerSettings(height=512, width=512, num_steps=28),  # FLUX.1-dev's 28 Euler steps
+    preset="paper",
+    presets=PAPER_PRESETS,
+    prompt_sets=PROMPT_SETS,
+    rewards={task: DEFAULT_SPECS[task] for task in TASKS},
+    judge=None,
+)
+
+
+def profile_for(model: str) -> ModelProfile:
+    """The profile of a model name; a real checkpoint that is neither a directory nor a hub id is refused."""
+    if model == DEFAULT_MODEL:
+        from gdro_ray.tiny_world import profile as tiny
+
+        return ModelProfile(tiny.WEIGHTS, tiny.SAMPLER, tiny.PRESET, tiny.PRESETS, tiny.PROMPT_SETS, tiny.REWARDS,
+                            tiny.quality_judge)
+    check_model_source(model)
+    return replace(FLUX_PROFILE, weights=model)
+
+
+def preset_values(preset: str, task: str) -> dict:
+    """The TrainConfig values of a named preset ("paper", "tiny") for a task."""
+    presets = {profile.preset: profile.presets for profile in (FLUX_PROFILE, profile_for(DEFAULT_MODEL))}
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; known: {sorted(presets)}")
+    if task not in presets[preset]:
+        raise ValueError(f"preset {preset!r} has no settings for task {task!r}; it has {sorted(presets[preset])}")
+    return dict(presets[preset][task])
+
+
+def quality_judge(model: str, judge_url: str | None = None, token_env: str | None = None,
+                  judge_model: str | None = None) -> QualityJudge:
+    """The HTTP judge when a URL is given, a vision-language judge when a judge model (hub id or directory) is,
+    else the model's own default judge."""
+    if judge_url and judge_model:
+        raise ValueError("pass a judge URL or a judge model, not both")
+    if judge_url:
+        from gdro_ray.rewards.http_judge import HTTPJudge
+
+        return HTTPJudge(judge_url, token_env=token_env)
+    if judge_model:
+        from gdro_ray.rewards.vlm_judge import VLMJudge  # loads its model lazily, on the first rating
+
+        return VLMJudge(judge_model)
+    default = profile_for(model).judge
+    if default is None:
+        raise ValueError("a real model needs a quality judge: pass --judge-url (a scoring server, see README) "
+                         "or --judge-model")
+    return default()
