@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from gdro_ray.console import StageProgress
-from gdro_ray.data.manifest import read_dataset_manifest
+from gdro_ray.data.manifest import file_identity, read_dataset_manifest
 from gdro_ray.data.prompts import PromptRecord
 from gdro_ray.data.records import tensor_to_image
 from gdro_ray.models import FlowModel, PromptEmbeddings, SamplerSettings, load_flow_model
@@ -63,9 +63,13 @@ class HeldOut:
         """The prompts, sampler and reward a group dataset was made with."""
         manifest = read_dataset_manifest(directory)
         identity, prompt_file = manifest["identity"], manifest.get("prompt_file")
-        if identity["prompt_file"] is not None and not (prompt_file and Path(prompt_file).is_file()):
-            raise FileNotFoundError(f"the dataset in {str(directory)!r} was made from the prompt file "
-                                    f"{prompt_file!r}, which is no longer there")
+        if identity["prompt_file"] is not None:
+            if not (prompt_file and Path(prompt_file).is_file()):
+                raise FileNotFoundError(f"the dataset in {str(directory)!r} was made from the prompt file "
+                                        f"{prompt_file!r}, which is no longer there")
+            if file_identity(prompt_file) != identity["prompt_file"]:
+                raise ValueError(f"the prompt file {prompt_file!r} changed since the dataset in {str(directory)!r} "
+                                 "was made from it: its held-out split would be another")
         return cls(identity["task"], identity["model"], identity["seed"], SamplerSettings.from_dict(identity["sampler"]),
                    identity["reward"], prompt_file)
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from gdro_ray.cli import option
 from gdro_ray.console import quiet_libraries
-from gdro_ray.data.manifest import MANIFEST_NAME, check_resumable, write_manifest
+from gdro_ray.data.manifest import MANIFEST_NAME, check_resumable, file_identity, write_manifest
 from gdro_ray.data.prompts import PromptRecord
 from gdro_ray.data.records import image_to_png, png_to_image, tensor_to_bytes
 from gdro_ray.data.shards import read_shards, remove_partial_shards, shard_paths, write_shard, written_prompt_ids
@@ -74,7 +74,7 @@ class GenerationConfig:
             "task": self.task,
             "model": self.model,
             "revision": self.revision,
-            "prompt_file": _file_identity(self.prompt_file),
+            "prompt_file": file_identity(self.prompt_file),
             "split": self.split,
             "seed": self.seed,
             "k": self.k,
@@ -231,11 +231,3 @@ def _pipeline(config: GenerationConfig, plan: StagePlan, prompts: list[PromptRec
             num_cpus=scorers.each["CPU"],
         )
     )
-
-
-def _file_identity(path: str | None) -> dict | None:
-    """A prompt file enters the identity by content, so an edited file is a different dataset."""
-    if path is None:
-        return None
-    data = Path(path).read_bytes() if Path(path).is_file() else b""
-    return {"name": Path(path).name, "sha256": hashlib.sha256(data).hexdigest()[:16]}

@@ -62,6 +62,9 @@ def load_eval_set(directory: str | Path) -> EvalSet:
     if not (directory / SETTINGS_FILE).is_file() or not (directory / EMBEDDINGS_FILE).is_file():
         raise FileNotFoundError(f"{str(directory)!r} holds no evaluation set ({SETTINGS_FILE} and {EMBEDDINGS_FILE})")
     settings = json.loads((directory / SETTINGS_FILE).read_text())
+    missing = sorted({"held_out", "prompts", "seeds", "judge"} - set(settings))
+    if missing:
+        raise ValueError(f"{str(directory / SETTINGS_FILE)!r} lacks {missing}: delete the directory to build it again")
     tensors = load_file(directory / EMBEDDINGS_FILE)
     held_out = settings["held_out"]
     held_out = HeldOut(**{**held_out, "sampler": SamplerSettings.from_dict(held_out["sampler"])})

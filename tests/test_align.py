@@ -62,3 +62,12 @@ def test_a_config_field_of_the_wrong_type_is_named(align_job, tmp_path, capsys):
         align_job.parse_args(["--task", "ocr", "--config", str(config)])
     err = capsys.readouterr().err
     assert "'beta'" in err and "float" in err
+
+
+def test_an_evaluation_set_missing_its_settings_is_refused_by_name(tmp_path):
+    from gdro_ray.periodic_eval import EMBEDDINGS_FILE, SETTINGS_FILE, load_eval_set
+
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps({"seeds": [[10000, 10001]], "prompts": []}))
+    (tmp_path / EMBEDDINGS_FILE).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"lacks \['held_out', 'judge'\]"):
+        load_eval_set(tmp_path)

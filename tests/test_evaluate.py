@@ -142,6 +142,9 @@ def test_a_dataset_is_evaluated_with_its_own_reward_sampler_and_prompt_file(tmp_
     assert held_out.sampler == config.sampler and held_out.seed == 3 and held_out.task == "custom"
     every_prompt = held_out.prompts(None) + config.prompts()
     assert len(held_out.prompts(None)) >= 1 and len(every_prompt) == 10  # the file's held-out split, and the rest
+    prompt_file.write_text(prompt_file.read_text() + '\na sign that says "OWL"')
+    with pytest.raises(ValueError, match="changed since the dataset"):
+        HeldOut.of_dataset(tmp_path / "g")
     prompt_file.unlink()
     with pytest.raises(FileNotFoundError, match="no longer there"):
         HeldOut.of_dataset(tmp_path / "g")

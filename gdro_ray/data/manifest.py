@@ -20,6 +20,14 @@ def config_hash(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def file_identity(path: str | None) -> dict | None:
+    """A prompt file enters the identity by content, so an edited file is a different dataset."""
+    if path is None:
+        return None
+    data = Path(path).read_bytes() if Path(path).is_file() else b""
+    return {"name": Path(path).name, "sha256": hashlib.sha256(data).hexdigest()[:16]}
+
+
 def read_manifest(directory: str | Path) -> dict | None:
     path = Path(directory) / MANIFEST_NAME
     if not path.exists():

@@ -53,11 +53,11 @@ class SamplerSettings:
     guidance against the empty prompt (cfg_scale > 1 doubles the cost). Generation records it in every
     group row; evaluation samples with it and training uses its size and guidance."""
 
-    height: int
-    width: int
-    num_steps: int
-    guidance_scale: float = 3.5
-    cfg_scale: float = 1.0
+    height: int = field(metadata={"help": "image height in pixels"})
+    width: int = field(metadata={"help": "image width in pixels"})
+    num_steps: int = field(metadata={"help": "Euler steps of the sampler"})
+    guidance_scale: float = field(default=3.5, metadata={"help": "distilled guidance of FLUX.1-dev"})
+    cfg_scale: float = field(default=1.0, metadata={"help": "classifier-free guidance (1: off; > 1 doubles the cost)"})
 
     def __post_init__(self):
         for name in ("height", "width", "num_steps"):
