@@ -11,44 +11,58 @@ row a prompt: its text, base images left, aligned right).
 """
 
 import argparse
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from gdro_ray.cli import add_dataclass_arguments, values_given
+from gdro_ray.cli import add_dataclass_arguments, from_arguments, option, values_given
 from gdro_ray.console import add_verbose_argument, set_verbose
 from gdro_ray.evaluate import HeldOut, evaluate_lora, format_table
 from gdro_ray.models import SamplerSettings
 from gdro_ray.profiles import DEFAULT_MODEL, TASKS, quality_judge
 
 
+@dataclass
+class EvaluateSettings:
+    lora: str = option("", "the aligned LoRA directory (diffusers format); required")
+    data: str | None = option(None, "the group dataset the LoRA was trained on")
+    task: str = option("ocr", "without --data: the task", choices=TASKS)
+    model: str = option(DEFAULT_MODEL, "without --data: 'tiny', a diffusers FLUX directory, or a hub id")
+    seed: int = option(0, "without --data: the dataset seed, which decides the held-out split")
+    eval_prompts: int = option(32, "held-out prompts")
+    images_per_prompt: int = option(4, "images per held-out prompt, one seed each")
+    judge_url: str | None = option(None, "an HTTP quality judge (see gdro_ray/rewards/http_judge.py)")
+    judge_token_env: str | None = option(None, "environment variable holding the judge's token")
+    judge_model: str | None = option(None, "a vision-language judge: hub id or local directory")
+    out: str = option("runs/eval", "where the results and comparison.png go")
+
+    def __post_init__(self):
+        if not self.lora or not Path(self.lora).is_dir():
+            raise FileNotFoundError(f"--lora must be a LoRA directory, got {self.lora!r}")
+        for name in ("eval_prompts", "images_per_prompt"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def held_out(self) -> HeldOut:
+        return HeldOut.of_dataset(self.data) if self.data else HeldOut.of_task(self.task, self.model, self.seed)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=None, help="the group dataset the LoRA was trained on")
-    parser.add_argument("--task", default="ocr", choices=TASKS, help="without --data: the task")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="without --data: 'tiny', a FLUX directory or hub id")
-    parser.add_argument("--seed", type=int, default=0, help="without --data: dataset seed, decides the held-out split")
-    parser.add_argument("--lora", type=Path, required=True, help="the aligned LoRA (diffusers format)")
-    parser.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts")
-    parser.add_argument("--images-per-prompt", type=int, default=4)
-    parser.add_argument("--judge-url", default=None, help="an HTTP quality judge (see gdro_ray/rewards/http_judge.py)")
-    parser.add_argument("--judge-token-env", default=None, help="environment variable holding the judge's token")
-    parser.add_argument("--judge-model", default=None, help="a vision-language judge: hub id or local directory")
-    parser.add_argument("--out", type=Path, default=Path("runs/eval"))
+    add_dataclass_arguments(parser, EvaluateSettings)
     add_dataclass_arguments(parser.add_argument_group("sampler (default: the dataset's, or the model's)"),
                             SamplerSettings)
     add_verbose_argument(parser)
     args = parser.parse_args(argv)
     set_verbose(args.verbose)
     try:
-        held_out = HeldOut.of_dataset(args.data) if args.data else HeldOut.of_task(args.task, args.model, args.seed)
+        settings = from_arguments(args, EvaluateSettings)
+        held_out = settings.held_out()
         held_out = replace(held_out, sampler=held_out.sampler.with_overrides(**values_given(args, SamplerSettings)))
-        judge = quality_judge(held_out.model, args.judge_url, args.judge_token_env, args.judge_model)
-        if not args.lora.is_dir():
-            raise FileNotFoundError(f"LoRA directory {str(args.lora)!r} does not exist")
+        judge = quality_judge(held_out.model, settings.judge_url, settings.judge_token_env, settings.judge_model)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
-    summary = evaluate_lora(held_out, args.lora, args.out, judge, num_prompts=args.eval_prompts,
-                            images_per_prompt=args.images_per_prompt)
+    summary = evaluate_lora(held_out, settings.lora, settings.out, judge, num_prompts=settings.eval_prompts,
+                            images_per_prompt=settings.images_per_prompt)
     print(format_table(summary))
     return summary
 

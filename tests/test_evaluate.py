@@ -95,7 +95,7 @@ def test_generated_images_are_scored_written_and_pictured(tiny_flux, tmp_path):
         comparison_grid(images, images, texts[:1])
 
 
-def test_the_evaluate_job_compares_base_and_aligned(tmp_path):
+def test_the_evaluate_job_compares_base_and_aligned(tmp_path, capsys):
     import torch
 
     from gdro_ray.models import LoraSpec, load_flow_model
@@ -126,6 +126,9 @@ def test_the_evaluate_job_compares_base_and_aligned(tmp_path):
     assert again == summary and (tmp_path / "eval" / "summary.json").stat().st_mtime_ns == written  # read back
     with pytest.raises(ValueError, match="needs a quality judge"):
         quality_judge("black-forest-labs/FLUX.1-dev")
+    with pytest.raises(SystemExit):
+        evaluate_job.main(["--lora", str(tmp_path / "missing")])
+    assert "--lora must be a LoRA directory" in capsys.readouterr().err
 
 
 def test_a_dataset_is_evaluated_with_its_own_reward_sampler_and_prompt_file(tmp_path):

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxPipeline
+from diffusers import FluxPipeline, FluxTransformer2DModel
 from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 
 from conftest import IMAGE_SIZE, sampler
@@ -228,3 +228,16 @@ def test_classifier_free_guidance_changes_samples_deterministically(tiny_flux):
     empty = tiny_flux.encode_prompts([""])  # the empty prompt given, as training's evaluation set does
     assert torch.equal(guided.latents, tiny_flux.generate(prompt, [5, 6], sampler(3, cfg_scale=4.0), empty).latents)
     assert not torch.allclose(guided.latents, plain.latents)
+
+
+def test_distilled_guidance_comes_from_the_sampler_settings(tiny_flux_dir):
+    """A guidance-distilled model (FLUX.1-dev) is conditioned on the guidance its samples were made with."""
+    pipeline = FluxPipeline.from_pretrained(tiny_flux_dir)
+    config = {**pipeline.transformer.config, "guidance_embeds": True}
+    pipeline.transformer = FluxTransformer2DModel.from_config(config)
+    model = FluxModel(pipeline, device="cpu")
+    latents, t, prompts = probe_inputs(model)
+    with torch.no_grad():
+        low, again, high = (model.velocity(latents, t, prompts, sampler(guidance_scale=g)) for g in (1.0, 1.0, 5.0))
+    assert torch.equal(low, again) and not torch.allclose(low, high)
+
