@@ -19,7 +19,7 @@ LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "deepspeed", "Dee
 QUIET_ENVIRONMENT = {"RAY_DATA_LOG_LEVEL": "ERROR", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
                      "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 SHOWN_METRICS = {"loss": "loss", "top1_agreement": "top1", "eval_reward": "eval reward",
-                 "eval_corrected": "eval corrected", "samples_per_second": "samples/s"}
+                 "eval_geneval": "eval GenEval", "eval_corrected": "eval corrected", "samples_per_second": "samples/s"}
 
 
 def is_verbose() -> bool:

@@ -21,6 +21,7 @@ from gdro_ray.models import FlowModel, PromptEmbeddings, SamplerSettings, load_f
 from gdro_ray.profiles import profile_for
 from gdro_ray.rewards import build_reward
 from gdro_ray.rewards.base import Reward, score_safely
+from gdro_ray.rewards.geneval import geneval_overall, geneval_tag_accuracy
 from gdro_ray.rewards.quality import QualityJudge, corrected_score
 
 
@@ -86,6 +87,7 @@ class ImageScore:
     seed: int
     reward: float
     quality: float
+    correct: bool | None = None  # GenEval's strict verdict on the image, for rewards that give one
 
 
 def generate_images(model: FlowModel, prompts: list[PromptRecord], seeds: list[list[int]], sampler: SamplerSettings,
@@ -113,21 +115,28 @@ def score_images(reward: Reward, judge: QualityJudge, prompts: list[PromptRecord
         rewards = score_safely(reward, row, metadata)
         ratings = judge.rate(row, metadata)
         tag = prompt.metadata.get("tag", task)
-        scores += [ImageScore(prompt.prompt_id, prompt.prompt, tag, seed, result.reward, rating)
+        scores += [ImageScore(prompt.prompt_id, prompt.prompt, tag, seed, result.reward, rating,
+                              result.details.get("correct"))
                    for seed, result, rating in zip(prompt_seeds, rewards, ratings, strict=True)]
     return scores
 
 
 def summarise(scores: list[ImageScore]) -> dict:
-    """Mean reward, mean quality (u_hat), corrected score, and the mean reward per tag."""
+    """Mean reward, mean quality (u_hat), corrected score, and the mean reward per tag; on GenEval prompts
+    also GenEval's own metric: strict correctness per tag and its overall score, the mean over tags."""
     if not scores:
         raise ValueError("no scored images to summarise")
     reward = sum(s.reward for s in scores) / len(scores)
     quality = sum(s.quality for s in scores) / len(scores)
     tags = sorted({s.tag for s in scores})
     per_tag = {tag: _mean([s.reward for s in scores if s.tag == tag]) for tag in tags}
-    return {"reward": reward, "quality": quality, "corrected": corrected_score(reward, quality),
-            "per_tag": per_tag, "images": len(scores)}
+    summary = {"reward": reward, "quality": quality, "corrected": corrected_score(reward, quality),
+               "per_tag": per_tag, "images": len(scores)}
+    verdicts = [(s.tag, s.correct) for s in scores if s.correct is not None]
+    if verdicts:  # images whose scoring failed have no verdict and stay out
+        summary["geneval"] = {"overall": geneval_overall(verdicts), "per_tag": geneval_tag_accuracy(verdicts),
+                              "images": len(verdicts)}
+    return summary
 
 
 def paired_change(base: list[ImageScore], aligned: list[ImageScore]) -> dict:
@@ -192,9 +201,12 @@ def comparison_grid(base: list[list[Image.Image]], aligned: list[list[Image.Imag
 
 
 def format_table(summary: dict) -> str:
-    lines = [f"{'':10}{'reward':>8}{'quality':>9}{'corrected':>11}"]
+    """Base and aligned side by side (with GenEval's overall score on GenEval prompts), then the change."""
+    geneval = "geneval" in summary["base"]
+    lines = [f"{'':10}{'reward':>8}{'quality':>9}{'corrected':>11}" + (f"{'GenEval':>9}" if geneval else "")]
     lines += [f"{name:10}{summary[name]['reward']:>8.3f}{summary[name]['quality']:>9.2f}"
-              f"{summary[name]['corrected']:>11.3f}" for name in ("base", "aligned")]
+              f"{summary[name]['corrected']:>11.3f}" + (f"{summary[name]['geneval']['overall']:>9.3f}" if geneval else "")
+              for name in ("base", "aligned")]
     change = summary["change"]
     reward, quality = change["reward"], change["quality"]
     lines.append(f"change: reward {reward['mean']:+.3f} +- {reward['standard_error']:.3f}, quality "

@@ -3,8 +3,8 @@
 Training workers load no text encoders, so the recipe encodes the held-out prompts once (build_eval_set)
 and writes them beside the run (save_eval_set: JSON + safetensors). The recipe hands a PeriodicEvaluator
 of that directory to training; on rank 0 it reads the set back, loads the dataset's reward and the judge
-once, and reports eval_reward, eval_quality and eval_corrected: the curve that early stopping in tune/ and
-the align job's evaluation plot read.
+once, and reports eval_reward, eval_quality and eval_corrected (and on GenEval prompts eval_geneval, GenEval's
+overall score): the curves that early stopping in tune/ and the align job's evaluation plot read.
 """
 
 import json
@@ -95,5 +95,8 @@ class PeriodicEvaluator:
         images = generate_images(model, data.prompts, data.seeds, data.held_out.sampler, embeddings=data.embeddings,
                                  unconditional=data.unconditional)
         summary = summarise(score_images(self.reward, self.judge, data.prompts, data.seeds, images, data.held_out.task))
-        return {"eval_reward": summary["reward"], "eval_quality": summary["quality"],
-                "eval_corrected": summary["corrected"]}
+        scores = {"eval_reward": summary["reward"], "eval_quality": summary["quality"],
+                  "eval_corrected": summary["corrected"]}
+        if "geneval" in summary:
+            scores["eval_geneval"] = summary["geneval"]["overall"]
+        return scores

@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from gdro_ray.plots import read_scalars
+
 SMALL = ["--num-prompts", "8", "--k-gen", "4", "--num-steps", "4", "--steps", "4", "--k", "3",
          "--num-workers", "1", "--groups-per-step", "2", "--checkpoint-every", "2", "--eval-every", "2",
          "--train-eval-prompts", "2", "--eval-prompts", "2", "--eval-images", "4"]
@@ -26,6 +28,9 @@ def test_a_small_align_run_fills_its_run_directory_and_a_rerun_skips_every_stage
     for name in ("base", "aligned"):
         assert summary[name]["images"] == 4 and 1.0 <= summary[name]["quality"] <= 5.0
     assert json.loads((run / "summary.json").read_text())["aligned"] == summary["aligned"]
+    # GenEval's own metric beside the partial-credit reward, at the end and during training
+    assert set(summary["base"]["geneval"]) == {"overall", "per_tag", "images"}
+    assert "eval/geneval" in read_scalars(run / "train" / "tensorboard")
     lora = run / "train" / "lora" / "pytorch_lora_weights.safetensors"
     written = lora.stat().st_mtime_ns
     console = capsys.readouterr()

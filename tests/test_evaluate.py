@@ -38,6 +38,19 @@ def test_summary_is_worked_out_by_hand():
         summarise([])
 
 
+def test_genevals_own_metric_is_the_mean_over_tags_of_strict_accuracy():
+    scores = [ImageScore("a", "p", "counting", 1, 0.5, 4.0, True), ImageScore("a", "p", "counting", 2, 0.5, 4.0, False),
+              ImageScore("b", "q", "colors", 1, 1.0, 4.0, True), ImageScore("c", "r", "colors", 1, 0.0, 4.0, None)]
+    # counting 1/2, colors 1/1 (the image without a verdict, a failed scoring, stays out): overall 0.75, not 2/3
+    geneval = summarise(scores)["geneval"]
+    assert geneval == {"overall": 0.75, "per_tag": {"counting": 0.5, "colors": 1.0}, "images": 3}
+    assert "geneval" not in summarise([ImageScore("a", "p", "ocr", 1, 0.5, 4.0)])
+    summary = {"base": summarise(scores), "aligned": summarise(scores),
+               "change": paired_change(scores, scores)}
+    assert format_table(summary).splitlines()[0].split() == ["reward", "quality", "corrected", "GenEval"]
+    assert format_table(summary).splitlines()[1].split()[-1] == "0.750"
+
+
 def test_paired_change_is_worked_out_by_hand():
     base = [ImageScore("a", "p", "ocr", seed, reward, 4.0) for seed, reward in enumerate([0.0, 0.5, 1.0])]
     aligned = [ImageScore("a", "p", "ocr", seed, reward, quality)
@@ -113,6 +126,7 @@ def test_the_evaluate_job_compares_base_and_aligned(tmp_path, capsys):
     summary = evaluate_job.main(["--task", "geneval", "--lora", str(tmp_path / "lora"), "--eval-prompts", "2",
                                  "--images-per-prompt", "2", "--num-steps", "2", "--out", str(tmp_path / "eval")])
     assert set(summary) == {"base", "aligned", "change"} and summary["base"]["images"] == 4
+    assert 0 <= summary["base"]["geneval"]["overall"] <= 1  # GenEval's metric, over the shapes detector
     assert summary["change"]["reward"]["mean"] == pytest.approx(summary["aligned"]["reward"] - summary["base"]["reward"])
     for name in ("base.json", "base.csv", "aligned.json", "aligned.csv", "summary.json", "comparison.png"):
         assert (tmp_path / "eval" / name).is_file()
