@@ -36,7 +36,8 @@ class AlignSettings:
 
     out: str = option("", "run directory (default: runs/JOB-TASK)")
     num_prompts: int = option(96, "training prompts")
-    k_gen: int = option(8, "images generated per training prompt (training draws k of them)")
+    k_gen: int = option(8, "images generated per training prompt, training draws k of them (default: the "
+                           "model's own, 16 on FLUX as in the paper)")
     sampler: SamplerSettings | None = option(None, "how to sample, dataset and evaluations (default: the model's)")
     # The final evaluation: its held-out prompts (as many as the set holds, up to this), and its images spread
     # evenly over them. Many prompts before many seeds: a LoRA's gain can differ between kinds of prompt (on
@@ -160,7 +161,9 @@ def align_from_arguments(parser: argparse.ArgumentParser, args) -> tuple[TrainCo
     try:
         train = config_from_arguments(args)
         sampler = profile_for(train.model).sampler.with_overrides(**values_given(args, SamplerSettings))
-        settings = from_arguments(args, AlignSettings, skip=("sampler",), sampler=sampler)
+        profile = profile_for(train.model)
+        settings = from_arguments(args, AlignSettings, skip=("sampler",), sampler=sampler,
+                                  k_gen=profile.images_per_prompt)
         settings.check_group_size(train.k)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))

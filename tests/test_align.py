@@ -76,3 +76,11 @@ def test_an_evaluation_set_missing_its_settings_is_refused_by_name(tmp_path):
     (tmp_path / EMBEDDINGS_FILE).write_bytes(b"")
     with pytest.raises(ValueError, match=r"lacks \['held_out', 'judge'\]"):
         load_eval_set(tmp_path)
+
+
+def test_k_gen_defaults_to_the_models_own(align_job):
+    assert align_job.parse_args(["--task", "ocr"])[1].k_gen == 8  # the tiny world's measured size
+    _, settings = align_job.parse_args(["--task", "ocr", "--model", "black-forest-labs/FLUX.1-dev"])
+    assert settings.k_gen == 16  # the paper's
+    assert align_job.parse_args(["--task", "ocr", "--k-gen", "12"])[1].k_gen == 12
+
