@@ -71,8 +71,8 @@ class HeldOut:
             if file_identity(prompt_file) != identity["prompt_file"]:
                 raise ValueError(f"the prompt file {prompt_file!r} changed since the dataset in {str(directory)!r} "
                                  "was made from it: its held-out split would be another")
-        return cls(identity["task"], identity["model"], identity["seed"], SamplerSettings.from_dict(identity["sampler"]),
-                   identity["reward"], prompt_file)
+        sampler = SamplerSettings.from_dict(identity["sampler"])
+        return cls(identity["task"], identity["model"], identity["seed"], sampler, identity["reward"], prompt_file)
 
     def prompts(self, num_prompts: int | None) -> list[PromptRecord]:
         return profile_for(self.model).prompts(self.task, split="heldout", num_prompts=num_prompts, seed=self.seed,
@@ -85,9 +85,10 @@ class ImageScore:
     prompt: str
     tag: str  # the GenEval tag, or the task name for prompts without one
     seed: int
-    reward: float
+    reward: float | None  # None: the reward could not be computed for this image
     quality: float
     correct: bool | None = None  # GenEval's strict verdict on the image, for rewards that give one
+    error: str = ""  # why no reward could be computed, if none was
 
 
 def generate_images(model: FlowModel, prompts: list[PromptRecord], seeds: list[list[int]], sampler: SamplerSettings,
@@ -115,23 +116,26 @@ def score_images(reward: Reward, judge: QualityJudge, prompts: list[PromptRecord
         rewards = score_safely(reward, row, metadata)
         ratings = judge.rate(row, metadata)
         tag = prompt.metadata.get("tag", task)
-        scores += [ImageScore(prompt.prompt_id, prompt.prompt, tag, seed, result.reward, rating,
-                              result.details.get("correct"))
-                   for seed, result, rating in zip(prompt_seeds, rewards, ratings, strict=True)]
+        for seed, result, rating in zip(prompt_seeds, rewards, ratings, strict=True):
+            error = result.details.get("error", "") if result.reward is None else ""
+            scores.append(ImageScore(prompt.prompt_id, prompt.prompt, tag, seed, result.reward, rating,
+                                     result.details.get("correct"), error))
     return scores
 
 
 def summarise(scores: list[ImageScore]) -> dict:
     """Mean reward, mean quality (u_hat), corrected score, and the mean reward per tag; on GenEval prompts
-    also GenEval's own metric: strict correctness per tag and its overall score, the mean over tags."""
-    if not scores:
-        raise ValueError("no scored images to summarise")
-    reward = sum(s.reward for s in scores) / len(scores)
-    quality = sum(s.quality for s in scores) / len(scores)
-    tags = sorted({s.tag for s in scores})
-    per_tag = {tag: _mean([s.reward for s in scores if s.tag == tag]) for tag in tags}
+    also GenEval's own metric: strict correctness per tag and its overall score, the mean over tags. Images
+    whose reward could not be computed are counted (unscored) and left out of the reward's means."""
+    scored = [s for s in scores if s.reward is not None]
+    if not scored:
+        raise ValueError(f"no scored images to summarise ({len(scores)} images, none with a reward)")
+    reward = _mean([s.reward for s in scored])
+    quality = _mean([s.quality for s in scores])
+    tags = sorted({s.tag for s in scored})
+    per_tag = {tag: _mean([s.reward for s in scored if s.tag == tag]) for tag in tags}
     summary = {"reward": reward, "quality": quality, "corrected": corrected_score(reward, quality),
-               "per_tag": per_tag, "images": len(scores)}
+               "per_tag": per_tag, "images": len(scores), "unscored": len(scores) - len(scored)}
     verdicts = [(s.tag, s.correct) for s in scores if s.correct is not None]
     if verdicts:  # images whose scoring failed have no verdict and stay out
         summary["geneval"] = {"overall": geneval_overall(verdicts), "per_tag": geneval_tag_accuracy(verdicts),
@@ -156,9 +160,13 @@ def paired_change(base: list[ImageScore], aligned: list[ImageScore]) -> dict:
         variance = sum((d - mean) ** 2 for d in differences) / (len(differences) - 1)
         return {"mean": mean, "standard_error": (variance / len(differences)) ** 0.5}
 
-    return {"reward": mean_and_error([a.reward - b.reward for b, a in pairs]),
+    scored = [(b, a) for b, a in pairs if b.reward is not None and a.reward is not None]  # both with a reward
+    if len(scored) < 2:
+        raise ValueError(f"a paired change needs at least 2 images scored on both sides, got {len(scored)}")
+    return {"reward": mean_and_error([a.reward - b.reward for b, a in scored]),
             "quality": mean_and_error([a.quality - b.quality for b, a in pairs]),
-            "reward_changed": sum(a.reward != b.reward for b, a in pairs), "images": len(pairs)}
+            "reward_changed": sum(a.reward != b.reward for b, a in scored), "images": len(pairs),
+            "reward_pairs": len(scored)}
 
 
 def write_results(directory: str | Path, name: str, scores: list[ImageScore], summary: dict) -> None:
@@ -205,13 +213,17 @@ def format_table(summary: dict) -> str:
     geneval = "geneval" in summary["base"]
     lines = [f"{'':10}{'reward':>8}{'quality':>9}{'corrected':>11}" + (f"{'GenEval':>9}" if geneval else "")]
     lines += [f"{name:10}{summary[name]['reward']:>8.3f}{summary[name]['quality']:>9.2f}"
-              f"{summary[name]['corrected']:>11.3f}" + (f"{summary[name]['geneval']['overall']:>9.3f}" if geneval else "")
-              for name in ("base", "aligned")]
+              f"{summary[name]['corrected']:>11.3f}"
+              + (f"{summary[name]['geneval']['overall']:>9.3f}" if geneval else "") for name in ("base", "aligned")]
     change = summary["change"]
     reward, quality = change["reward"], change["quality"]
     lines.append(f"change: reward {reward['mean']:+.3f} +- {reward['standard_error']:.3f}, quality "
                  f"{quality['mean']:+.2f} +- {quality['standard_error']:.2f} (paired over {change['images']} "
                  f"images, +- one standard error; {change['reward_changed']} changed reward)")
+    unscored = {name: summary[name].get("unscored", 0) for name in ("base", "aligned")}
+    if any(unscored.values()):
+        lines.append(f"no reward could be computed for {unscored['base']} base and {unscored['aligned']} aligned "
+                     "images: left out of the reward's means (their errors are in base.json and aligned.json)")
     return "\n".join(lines)
 
 

@@ -151,7 +151,7 @@ class GroupScorer:
             metadata = {**json.loads(row["metadata"]), "prompt": row["prompt"]}
             images = [png_to_image(png) for png in row["images"]]
             results = score_safely(self.reward, images, [metadata] * len(images))
-            row["rewards"] = [float(result.reward) for result in results]
+            row["rewards"] = [None if result.reward is None else float(result.reward) for result in results]
             row["reward_details"] = [json.dumps(result.details) for result in results]
         scored = time.perf_counter()
         write_shard([{k: v for k, v in row.items() if k != "generation_seconds"} for row in rows], self.shard_directory)
@@ -201,8 +201,10 @@ def generate_groups(config: GenerationConfig, overwrite: bool = False, progress:
                     stage_seconds[stage] += sum(summary.column(f"{stage}_seconds").to_pylist())
                 bar.update(summary.num_rows)
     rewards = read_shards(out, columns=["rewards"]).column("rewards").to_pylist() if shard_paths(out) else []
+    scored = [reward for group in rewards for reward in group if reward is not None]
     counts["groups"] = len(rewards)
-    counts["mean_reward"] = sum(map(sum, rewards)) / max(sum(map(len, rewards)), 1)
+    counts["mean_reward"] = sum(scored) / max(len(scored), 1)
+    counts["unscored_images"] = sum(map(len, rewards)) - len(scored)  # their reward failed: in no ranking
     counts["generated_this_run"] = len(todo)
     counts["seconds_per_group"] = {k: v / max(len(todo), 1) for k, v in stage_seconds.items()}
     return write_manifest(out, config.identity(), counts, complete=True, prompt_file=config.prompt_file)

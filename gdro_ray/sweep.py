@@ -207,7 +207,8 @@ def _result_rows(results, steps: int) -> list[dict]:
     for result in results:
         metrics = result.metrics or {}
         row = {"trial_id": metrics.get("trial_id", ""), **result.config}
-        row.update({name: metrics.get(name) for name in ("step", "eval_reward", "eval_quality", "eval_geneval", METRIC)})
+        reported = ("step", "eval_reward", "eval_quality", "eval_geneval", METRIC)
+        row.update({name: metrics.get(name) for name in reported})
         row["stopped_early"] = metrics.get("step", 0) < steps and result.error is None
         row["error"] = type(result.error).__name__ if result.error else ""
         row["checkpoint"] = _last_checkpoint_path(result)

@@ -51,6 +51,22 @@ def test_genevals_own_metric_is_the_mean_over_tags_of_strict_accuracy():
     assert format_table(summary).splitlines()[1].split()[-1] == "0.750"
 
 
+def test_images_without_a_reward_are_counted_and_left_out_of_the_reward_means():
+    base = [ImageScore("a", "p", "ocr", 1, 1.0, 4.0), ImageScore("a", "p", "ocr", 2, None, 2.0, error="TypeError"),
+            ImageScore("a", "p", "ocr", 3, 0.0, 3.0)]
+    aligned = [ImageScore("a", "p", "ocr", 1, 1.0, 4.0), ImageScore("a", "p", "ocr", 2, 0.9, 2.0),
+               ImageScore("a", "p", "ocr", 3, 0.5, 3.0)]
+    summary = summarise(base)
+    assert summary["reward"] == 0.5 and summary["quality"] == 3.0  # the failed image is rated, not scored
+    assert summary["unscored"] == 1 and summary["images"] == 3
+    change = paired_change(base, aligned)
+    assert change["reward"]["mean"] == pytest.approx(0.25) and change["reward_pairs"] == 2
+    table = format_table({"base": summary, "aligned": summarise(aligned), "change": change})
+    assert "no reward could be computed for 1 base and 0 aligned images" in table
+    with pytest.raises(ValueError, match="none with a reward"):
+        summarise([ImageScore("a", "p", "ocr", 1, None, 3.0)])
+
+
 def test_paired_change_is_worked_out_by_hand():
     base = [ImageScore("a", "p", "ocr", seed, reward, 4.0) for seed, reward in enumerate([0.0, 0.5, 1.0])]
     aligned = [ImageScore("a", "p", "ocr", seed, reward, quality)

@@ -340,14 +340,14 @@ def test_colour_clause_without_colours_fails_loudly():
     with pytest.raises(ValueError, match="ColorClassifier"):
         reward.score([IMAGE], [COLORS])
     [result] = score_safely(reward, [IMAGE], [COLORS])
-    assert result.reward == 0.0 and "ColorClassifier" in result.details["error"]
+    assert result.reward is None and "ColorClassifier" in result.details["error"]
 
 
 def test_bad_metadata_is_isolated_per_image():
     reward = GenEvalReward(FixedDetector([det("bench")]), None)
     results = score_safely(reward, [IMAGE, IMAGE], [SINGLE, {"tag": "nope", "include": []}])
     assert results[0].reward == 1.0
-    assert results[1].reward == 0.0 and "'tag'" in results[1].details["error"]
+    assert results[1].reward is None and "'tag'" in results[1].details["error"]
 
 
 # --- the transformers backend on tiny random models --------------------------------------------------

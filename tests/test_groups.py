@@ -27,7 +27,19 @@ def test_tied_groups_are_left_out_and_counted(tmp_path):
     write_shard([row("a", [0.1, 0.9, 0.5, 0.2]), row("tie", [0.5] * 4), row("small", [0.3, 0.7])], tmp_path)
     ids, counts = ranked_prompt_ids(str(tmp_path), k=3)
     assert sorted(ids) == ["a", "small"]
-    assert counts == {"groups": 3, "ranked_groups": 2, "tied_groups_left_out": 1, "groups_smaller_than_k": 1}
+    assert counts == {"groups": 3, "ranked_groups": 2, "tied_groups_left_out": 1, "groups_smaller_than_k": 1,
+                      "unscored_images_left_out": 0}
+
+
+def test_an_image_without_a_reward_is_no_member_of_its_group(tmp_path):
+    """A failed scoring (None) is not a worst sample: rankings, group sizes and draws leave it out."""
+    write_shard([row("a", [0.1, None, 0.5, 0.2]), row("one", [None, 0.7, None])], tmp_path)
+    ids, counts = ranked_prompt_ids(str(tmp_path), k=3)
+    assert ids == ["a"] and counts["unscored_images_left_out"] == 3 and counts["tied_groups_left_out"] == 1
+    for seed in range(5):
+        batch = group_batch([row("a", [0.1, None, 0.5, 0.2])], k=3, generator=torch.Generator().manual_seed(seed))
+        members = sorted(int(drawn[0, 0].item()) // 8 for drawn in batch.latents[0])
+        assert members == [0, 2, 3] and sorted(batch.rewards[0].tolist()) == pytest.approx([0.1, 0.2, 0.5])
 
 
 def test_the_training_reader_yields_the_ranked_groups_training_columns_only(tmp_path):
@@ -54,7 +66,7 @@ def test_small_groups_are_padded_and_masked_and_draws_keep_member_rewards(tmp_pa
 
 def test_unusable_datasets_are_refused(tmp_path):
     write_shard([row("a", [0.1, 0.9]), row("b", [0.2, 0.4])], tmp_path / "small")
-    with pytest.raises(ValueError, match="k=6 but the groups .* hold at most 2 images"):
+    with pytest.raises(ValueError, match="k=6 but the groups .* hold at most 2 scored images"):
         ranked_prompt_ids(str(tmp_path / "small"), k=6)
     write_shard([row("tie", [0.5, 0.5])], tmp_path / "ties")
     with pytest.raises(ValueError, match="all-equal rewards"):

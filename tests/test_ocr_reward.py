@@ -127,11 +127,11 @@ def test_blank_image_scores_zero(ocr_reward):
     assert result.details == {"recognised": "", "target": "hello", "distance": 5}
 
 
-def test_unreadable_image_gets_zero_with_an_error(ocr_reward):
+def test_unreadable_image_gets_no_reward_with_an_error(ocr_reward):
     good = rendered_text("GARDEN", (256, 128), 48)
     results = score_safely(ocr_reward, [good, None], [{"prompt": 'A sign "Garden"'}, {"prompt": 'A sign "Garden"'}])
     assert results[0].reward >= 0.9
-    assert results[1].reward == 0.0
+    assert results[1].reward is None  # not a worst sample: left out of rankings and means
     assert "TypeError" in results[1].details["error"]
 
 

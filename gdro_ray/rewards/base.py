@@ -14,7 +14,7 @@ from PIL import Image
 
 @dataclass
 class RewardResult:
-    reward: float
+    reward: float | None  # None: the reward could not be computed (the error is in details)
     details: dict = field(default_factory=dict)
 
 
@@ -30,7 +30,8 @@ class Reward(ABC):
 
 
 def score_safely(reward: Reward, images: list[Image.Image], metadata: list[dict]) -> list[RewardResult]:
-    """Score a batch; an image whose scoring fails gets 0 with the error in its details.
+    """Score a batch; an image whose scoring fails gets no reward (None), with the error in its details: it
+    is not a worst sample, and rankings and means leave it out.
 
     A NaN reward is a bug in the reward, not a property of the image: it is refused with an error
     rather than written.
@@ -44,6 +45,8 @@ def score_safely(reward: Reward, images: list[Image.Image], metadata: list[dict]
     if len(results) != len(images):
         raise ValueError(f"reward {reward.name!r} returned {len(results)} results for {len(images)} images")
     for index, (result, meta) in enumerate(zip(results, metadata)):
+        if result.reward is None and "error" in result.details:
+            continue
         if not isinstance(result.reward, (int, float)) or math.isnan(result.reward):
             raise ValueError(
                 f"reward {reward.name!r} gave {result.reward!r} for image {index} of prompt {meta.get('prompt')!r}; "
@@ -56,4 +59,4 @@ def _score_one(reward: Reward, image: Image.Image, meta: dict) -> RewardResult:
     try:
         return reward.score([image], [meta])[0]
     except Exception as error:  # noqa: BLE001 - recorded, and the run goes on
-        return RewardResult(0.0, {"error": f"{type(error).__name__}: {error}"})
+        return RewardResult(None, {"error": f"{type(error).__name__}: {error}"})

@@ -5,7 +5,8 @@ Documented behaviour for awkward data:
   contributes the loss of a smaller group;
 - a group whose rewards are all equal carries no ranking; such groups are left out when the dataset
   is read (``ranked_prompt_ids``), and a dataset with none left is refused;
-- k larger than every group of the dataset is refused: lower k or generate more images per prompt.
+- k larger than every group of the dataset is refused: lower k or generate more images per prompt;
+- an image whose reward could not be computed (None) is no member: a group counts its scored images only.
 """
 
 import json
@@ -30,17 +31,18 @@ TRAINING_COLUMNS = [
 def ranked_prompt_ids(directory: str, k: int) -> tuple[list[str], dict]:
     """The groups worth training on, and counts of what was left out and why."""
     table = read_shards(directory, columns=["prompt_id", "rewards"])
-    rewards = table.column("rewards")
-    sizes = pc.list_value_length(rewards).to_pylist()
+    groups = [[r for r in rewards if r is not None] for rewards in table.column("rewards").to_pylist()]
+    sizes = [len(group) for group in groups]
     if k > max(sizes):
-        raise ValueError(f"k={k} but the groups in {directory!r} hold at most {max(sizes)} images; "
+        raise ValueError(f"k={k} but the groups in {directory!r} hold at most {max(sizes)} scored images; "
                          "lower k or generate more images per prompt")
-    spread = [max(r) > min(r) for r in rewards.to_pylist()]
+    spread = [len(group) >= 2 and max(group) > min(group) for group in groups]
     ids = [pid for pid, ranked in zip(table.column("prompt_id").to_pylist(), spread) if ranked]
     if not ids:
         raise ValueError(f"every group in {directory!r} has all-equal rewards: there is no ranking to learn")
+    unscored = sum(pc.list_value_length(table.column("rewards")).to_pylist()) - sum(sizes)
     counts = {"groups": len(sizes), "ranked_groups": len(ids), "tied_groups_left_out": len(sizes) - len(ids),
-              "groups_smaller_than_k": sum(size < k for size in sizes)}
+              "groups_smaller_than_k": sum(size < k for size in sizes), "unscored_images_left_out": unscored}
     return ids, counts
 
 
@@ -67,13 +69,13 @@ def check_enough_groups(ranked_groups: int, workers: int, groups_per_step: int) 
 
 
 def group_batch(rows: list[dict], k: int, generator: torch.Generator) -> GroupBatch:
-    """Draw k members of each group (all of a smaller group, masked to k) into one GroupBatch."""
+    """Draw k scored members of each group (all of a smaller group, masked to k) into one GroupBatch."""
     latents, rewards, masks = [], [], []
     for row in rows:
-        members = tensor_from_bytes(row["latents"], row["latents_shape"], row["latents_dtype"])
-        group_rewards = torch.tensor(list(row["rewards"]), dtype=torch.float32)
-        size = members.shape[0]
-        pick = torch.randperm(size, generator=generator)[:k]
+        scored = [index for index, reward in enumerate(row["rewards"]) if reward is not None]
+        members = tensor_from_bytes(row["latents"], row["latents_shape"], row["latents_dtype"])[scored]
+        group_rewards = torch.tensor([row["rewards"][index] for index in scored], dtype=torch.float32)
+        pick = torch.randperm(len(scored), generator=generator)[:k]
         padding = k - len(pick)
         latents.append(torch.cat([members[pick], members.new_zeros(padding, *members.shape[1:])]))
         rewards.append(torch.cat([group_rewards[pick], group_rewards.new_zeros(padding)]))
