@@ -27,6 +27,7 @@ from gdro_ray.resource_plan import (
     StagePlan, check_plans, describe_plans, evaluation_plan, generation_plan, read_capacity, run_as_task,
     training_plan, uses_gpus,
 )
+from gdro_ray.rewards.vlm_judge import JUDGE_MODES
 from gdro_ray.train.trainer import run_training
 
 
@@ -49,6 +50,8 @@ class AlignSettings:
     judge_url: str | None = option(None, "a quality judge server (gdro_ray/rewards/http_judge.py)")
     judge_token_env: str | None = option(None, "environment variable holding the judge's token")
     judge_model: str | None = option(None, "a vision-language judge: hub id or local directory")
+    judge_mode: str = option("single", "the vision-language judge's ratings: one, or the paper's three "
+                                       "(alignment, coherence, style) averaged", choices=JUDGE_MODES)
     generation_actors: tuple[int, int] = option((1, 1), "MIN,MAX generation actors", pair_from_one=True)
     scoring_actors: tuple[int, int] = option((1, 1), "MIN,MAX scoring actors", pair_from_one=True)
     gpus_per_generator: float | None = option(None, "default: 1 if the cluster has GPUs, or declares it can get "
@@ -70,7 +73,8 @@ class AlignSettings:
 
     def judge(self) -> dict:
         """Keyword arguments of profiles.quality_judge."""
-        return {"judge_url": self.judge_url, "token_env": self.judge_token_env, "judge_model": self.judge_model}
+        return {"judge_url": self.judge_url, "token_env": self.judge_token_env, "judge_model": self.judge_model,
+                "judge_mode": self.judge_mode}
 
 
 def run_align(train: TrainConfig, settings: AlignSettings, log=print) -> dict:

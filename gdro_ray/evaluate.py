@@ -220,6 +220,10 @@ def format_table(summary: dict) -> str:
     lines.append(f"change: reward {reward['mean']:+.3f} +- {reward['standard_error']:.3f}, quality "
                  f"{quality['mean']:+.2f} +- {quality['standard_error']:.2f} (paired over {change['images']} "
                  f"images, +- one standard error; {change['reward_changed']} changed reward)")
+    judge = summary.get("judge")
+    if judge:
+        lines.append(f"judge: {judge['name']}" + (f"; {judge['unparsed']} answers held no rating and were rated 3"
+                                                  if judge["unparsed"] else ""))
     unscored = {name: summary[name].get("unscored", 0) for name in ("base", "aligned")}
     if any(unscored.values()):
         lines.append(f"no reward could be computed for {unscored['base']} base and {unscored['aligned']} aligned "
@@ -252,6 +256,8 @@ def evaluate_lora(held_out: HeldOut, lora: str | Path, out: str | Path, judge: Q
         summary[name] = summarise(scores[name])
         write_results(out, name, scores[name], summary[name])
     summary["change"] = paired_change(scores["base"], scores["aligned"])
+    # The corrected score is the judge's: which judge, and how many of its answers held no rating.
+    summary["judge"] = {"name": judge.describe(), "unparsed": judge.unparsed}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     shown = {name: [row[:GRID_IMAGES_PER_PROMPT] for row in rows[:GRID_PROMPTS]] for name, rows in images.items()}
     comparison_grid(shown["base"], shown["aligned"], [p.prompt for p in prompts[:GRID_PROMPTS]]).save(

@@ -106,11 +106,13 @@ def preset_values(preset: str, task: str) -> dict:
 
 
 def quality_judge(model: str, judge_url: str | None = None, token_env: str | None = None,
-                  judge_model: str | None = None) -> QualityJudge:
-    """The HTTP judge when a URL is given, a vision-language judge when a judge model (hub id or directory) is,
-    else the model's own default judge."""
+                  judge_model: str | None = None, judge_mode: str = "single") -> QualityJudge:
+    """The HTTP judge when a URL is given, a vision-language judge when a judge model (hub id or directory) is
+    (judge_mode: one rating, or the paper's three), else the model's own default judge."""
     if judge_url and judge_model:
         raise ValueError("pass a judge URL or a judge model, not both")
+    if judge_mode != "single" and not judge_model:
+        raise ValueError(f"--judge-mode {judge_mode} rates with a vision-language judge: pass --judge-model too")
     if judge_url:
         from gdro_ray.rewards.http_judge import HTTPJudge
 
@@ -118,7 +120,7 @@ def quality_judge(model: str, judge_url: str | None = None, token_env: str | Non
     if judge_model:
         from gdro_ray.rewards.vlm_judge import VLMJudge  # loads its model lazily, on the first rating
 
-        return VLMJudge(judge_model)
+        return VLMJudge(judge_model, mode=judge_mode)
     default = profile_for(model).judge
     if default is None:
         raise ValueError("a real model needs a quality judge: pass --judge-url (a scoring server, see README) "

@@ -16,7 +16,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from gdro_ray.profiles import quality_judge
-from gdro_ray.rewards.vlm_judge import NEUTRAL_RATING, VLMJudge, parse_rating
+from gdro_ray.rewards.vlm_judge import NEUTRAL_RATING, VLMJudge, parse_rating, parse_three_ratings
 
 # Qwen-style chat turns; an image is one <image> token, which the processor expands to the vision tower's patches.
 CHAT_TEMPLATE = (
@@ -113,6 +113,34 @@ def test_batches_pad_on_the_left(tiny_vlm_dir):
 ])
 def test_parse_rating(text, expected):
     assert parse_rating(text) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Alignment Score: 4\nCoherence Score: 3\nStyle Score: 5", {"alignment": 4.0, "coherence": 3.0, "style": 5.0}),
+    ("alignment score:** 2.5, coherence score: 7, STYLE SCORE：1", {"alignment": 2.5, "coherence": 5.0, "style": 1.0}),
+    ("Alignment Score: 1\nAlignment Score: 4\nCoherence Score: 3\nStyle Score: 3",
+     {"alignment": 4.0, "coherence": 3.0, "style": 3.0}),  # the last verdict
+    ("Alignment Score: 4\nCoherence Score: 3", None),  # all three or none
+    ("Final Score: 4", None),
+])
+def test_parse_three_ratings(text, expected):
+    assert parse_three_ratings(text) == expected
+
+
+def test_the_papers_three_ratings_average_into_one_and_unreadable_answers_are_counted(tiny_vlm_dir):
+    judge = VLMJudge(str(tiny_vlm_dir), device="cpu", mode="three")
+    assert judge.describe() == f"VLMJudge({tiny_vlm_dir}, three)" and judge.max_new_tokens == 64
+    answers = judge.ask(IMAGES, METADATA)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ratings = judge.rate(IMAGES, METADATA)
+    expected = [NEUTRAL_RATING if (r := parse_three_ratings(answer)) is None else sum(r.values()) / 3
+                for answer in answers]
+    assert ratings == expected and judge.unparsed == sum(parse_three_ratings(a) is None for a in answers)
+    with pytest.raises(ValueError, match="judge mode must be one of"):
+        VLMJudge(str(tiny_vlm_dir), mode="five")
+    with pytest.raises(ValueError, match="pass --judge-model too"):
+        quality_judge("tiny", judge_mode="three")
 
 
 def test_rate_refuses_mismatched_lengths(tiny_vlm_dir):

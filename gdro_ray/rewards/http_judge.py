@@ -26,6 +26,9 @@ class HTTPJudge(QualityJudge):
             raise ValueError(f"the judge's token variable {token_env!r} is not set in this environment")
         self.url, self.token_env, self.timeout = url, token_env, timeout
 
+    def describe(self) -> str:
+        return f"HTTPJudge({self.url})"
+
     def rate(self, images: list[Image.Image], metadata: list[dict]) -> list[float]:
         if len(images) != len(metadata):
             raise ValueError(f"got {len(images)} images for {len(metadata)} metadata records")

@@ -13,7 +13,16 @@ QUALITY_SCALE = (1.0, 5.0)
 
 
 class QualityJudge(ABC):
-    """Rates images on QUALITY_SCALE (1 worst, 5 best), given the prompt metadata each was made for."""
+    """Rates images on QUALITY_SCALE (1 worst, 5 best), given the prompt metadata each was made for.
+
+    unparsed: answers the judge gave without a usable rating, rated the scale's midpoint instead; judges
+    that always answer (rules, a scoring server that validates) keep it 0."""
+
+    unparsed: int = 0
+
+    def describe(self) -> str:
+        """Which judge this is, recorded beside the corrected score it produced."""
+        return type(self).__name__
 
     @abstractmethod
     def rate(self, images: list[Image.Image], metadata: list[dict]) -> list[float]:

@@ -1,7 +1,9 @@
-"""A quality judge that asks a vision-language model, UnifiedReward style, for a 1-5 rating.
+"""A quality judge that asks a vision-language model, UnifiedReward style, for 1-5 ratings.
 
 Any transformers image-text-to-text model works (Qwen2.5-VL, LLaVA, ...): it is shown the image with its
-caption, asked to weigh visual quality and faithfulness to the caption, and answers "Final Score: X".
+caption. In mode "single" it weighs visual quality and faithfulness to the caption into one answer,
+"Final Score: X". In mode "three", as the GDRO paper rates with UnifiedReward, it rates alignment with the
+caption, coherence and style separately, and u_hat is their mean.
 Weights load as safetensors only, never with remote code, lazily on the first rating or on load().
 Qwen VL processors (the default judge's) also need torchvision, for their video half.
 """
@@ -28,11 +30,42 @@ RATING_PROMPT = (
     "Text caption: {prompt}"
 )
 
+THREE_RATINGS_PROMPT = (
+    "You are given a text caption and an image generated from it. Rate the image on three criteria, each "
+    "from 1 (worst) to 5 (best):\n"
+    "Alignment: how faithfully it shows the caption (objects, counts, attributes, relations, requested text).\n"
+    "Coherence: whether the scene is physically and structurally sound, free of distortions and artifacts.\n"
+    "Style: its aesthetic quality (lighting, colour, composition, detail).\n"
+    "Answer with three lines: 'Alignment Score: X', 'Coherence Score: X', 'Style Score: X'.\n"
+    "Text caption: {prompt}"
+)
+JUDGE_MODES = ("single", "three")
+THREE_CRITERIA = ("alignment", "coherence", "style")
+
 # "Final Score: 4", "final score:** 4.5"; and, for the fallback, scale mentions ("1-5", "4/5", "out of 5")
 # whose numbers are not the rating.
 _FINAL_SCORE = re.compile(r"final\s*score\s*[:：]?[\s*]*(\d+(?:\.\d+)?)", re.IGNORECASE)
 _SCALE_MENTION = re.compile(r"\b1\s*(?:-|–|to)\s*5\b|(?:/|\bout\s+of)\s*5(?:\.0)?\b", re.IGNORECASE)
 _NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?!\w)")
+
+
+def parse_three_ratings(text: str) -> dict[str, float] | None:
+    """{"alignment": ..., "coherence": ..., "style": ...} from an answer to THREE_RATINGS_PROMPT, each the last
+    one given and clamped to QUALITY_SCALE; None unless all three are there.
+
+    >>> parse_three_ratings("Alignment Score: 4, Coherence Score: 3.5, Style Score: 5")
+    {'alignment': 4.0, 'coherence': 3.5, 'style': 5.0}
+    >>> parse_three_ratings("Alignment Score: 4") is None
+    True
+    """
+    low, high = QUALITY_SCALE
+    ratings = {}
+    for criterion in THREE_CRITERIA:
+        found = re.findall(rf"{criterion}\s*score\s*[:：]?[\s*]*(\d+(?:\.\d+)?)", text, re.IGNORECASE)
+        if not found:
+            return None
+        ratings[criterion] = min(max(float(found[-1]), low), high)
+    return ratings
 
 
 def parse_rating(text: str) -> float | None:
@@ -56,16 +89,19 @@ def parse_rating(text: str) -> float | None:
 
 
 class VLMJudge(QualityJudge):
-    """Rates images with a vision-language model from a hub id or a local directory.
+    """Rates images with a vision-language model from a hub id or a local directory; mode "single" (one
+    rating) or "three" (the paper's: the mean of alignment, coherence and style).
 
-    An answer without a readable rating is rated the scale's midpoint, 3: the corrected score then counts
+    An answer without a readable rating (in mode "three": without all three) is rated the scale's midpoint, 3: the corrected score then counts
     that image's reward neither for nor against it (0.2 whatever the reward), where raising would stop a
     whole evaluation over one sentence. Such answers are counted in `unparsed`, and the first is warned of
     with its text, so that a judge that never answers in the expected form is noticed.
     """
 
     def __init__(self, model: str = DEFAULT_JUDGE_ID, device: str | None = None, batch_size: int = 8,
-                 max_new_tokens: int = 32):
+                 max_new_tokens: int | None = None, mode: str = "single"):
+        if mode not in JUDGE_MODES:
+            raise ValueError(f"judge mode must be one of {JUDGE_MODES}, got {mode!r}")
         # A path (not a hub id "owner/name") must exist now rather than after hours of generation.
         if _looks_like_path(model):
             model = str(Path(model).expanduser())
@@ -74,9 +110,13 @@ class VLMJudge(QualityJudge):
                                         f"image-text-to-text model directory, or a hub id such as {DEFAULT_JUDGE_ID}")
         self.source = model
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.mode, self.batch_size = mode, batch_size
+        self.max_new_tokens = max_new_tokens or (32 if mode == "single" else 64)  # three answers take longer
         self.model = self.processor = None
         self.unparsed = 0
+
+    def describe(self) -> str:
+        return f"VLMJudge({self.source}, {self.mode})"
 
     def load(self) -> None:
         """Load the model and processor now (rate() loads them otherwise), so a missing model fails early."""
@@ -98,7 +138,7 @@ class VLMJudge(QualityJudge):
     def rate(self, images: list[Image.Image], metadata: list[dict]) -> list[float]:
         ratings = []
         for answer in self.ask(images, metadata):
-            rating = parse_rating(answer)
+            rating = self._rating(answer)
             if rating is None:
                 if self.unparsed == 0:
                     warnings.warn(f"judge {self.source!r} gave no rating, rated {NEUTRAL_RATING} instead: {answer!r}",
@@ -124,8 +164,15 @@ class VLMJudge(QualityJudge):
             answers += self.processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         return answers
 
+    def _rating(self, answer: str) -> float | None:
+        if self.mode == "single":
+            return parse_rating(answer)
+        ratings = parse_three_ratings(answer)
+        return None if ratings is None else sum(ratings.values()) / len(ratings)
+
     def _prompt(self, meta: dict) -> str:
-        content = [{"type": "image"}, {"type": "text", "text": RATING_PROMPT.format(prompt=meta["prompt"])}]
+        question = (RATING_PROMPT if self.mode == "single" else THREE_RATINGS_PROMPT).format(prompt=meta["prompt"])
+        content = [{"type": "image"}, {"type": "text", "text": question}]
         return self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                   add_generation_prompt=True)
 
