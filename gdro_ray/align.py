@@ -36,14 +36,18 @@ class AlignSettings:
     """What the align job adds to training: the dataset to generate and the evaluation to run."""
 
     out: str = option("", "run directory (default: runs/JOB-TASK)")
-    num_prompts: int = option(96, "training prompts")
+    num_prompts: int = option(96, "training prompts (with --train-prompt-file, 0: all of the file's)")
+    train_prompt_file: str | None = option(None, "train on this file's prompts: Flow-GRPO's one-prompt-a-line "
+                                                 ".txt (ocr) or GenEval's .jsonl (geneval)")
+    eval_prompt_file: str | None = option(None, "evaluate on this file's prompts, e.g. GenEval's 553 of "
+                                                "evaluation_metadata.jsonl or Flow-GRPO's OCR test.txt")
     k_gen: int = option(8, "images generated per training prompt, training draws k of them (default: the "
                            "model's own, 16 on FLUX as in the paper)")
     sampler: SamplerSettings | None = option(None, "how to sample, dataset and evaluations (default: the model's)")
     # The final evaluation: its held-out prompts (as many as the set holds, up to this), and its images spread
     # evenly over them. Many prompts before many seeds: a LoRA's gain can differ between kinds of prompt (on
     # glyphs it is mostly on single letters), and the standard error of the paired change shrinks with images.
-    eval_prompts: int = option(96, "held-out prompts of the final evaluation")
+    eval_prompts: int = option(96, "held-out prompts of the final evaluation (0: all of --eval-prompt-file's)")
     eval_images: int = option(384, "images of the final evaluation, spread evenly over its held-out prompts")
     train_eval_prompts: int = option(8, "held-out prompts evaluated every --eval-every steps during training")
     train_eval_images_per_prompt: int = option(4, "images per held-out prompt during training")
@@ -58,10 +62,12 @@ class AlignSettings:
                                                     "them (GDRO_CLUSTER_MAX_RESOURCES, see cluster/README.md)")
 
     def __post_init__(self):
-        for name in ("num_prompts", "k_gen", "eval_prompts", "eval_images", "train_eval_prompts",
-                     "train_eval_images_per_prompt"):
+        for name in ("k_gen", "eval_images", "train_eval_prompts", "train_eval_images_per_prompt"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, file in (("num_prompts", self.train_prompt_file), ("eval_prompts", self.eval_prompt_file)):
+            if getattr(self, name) < (0 if file else 1):  # 0: all of the file's prompts
+                raise ValueError(f"{name} must be >= 1 (0 with a prompt file: all of it), got {getattr(self, name)}")
         if self.k_gen < 2:
             raise ValueError(f"k_gen (images per prompt) must be >= 2 to form a group, got {self.k_gen}")
 
@@ -103,12 +109,13 @@ def run_align(train: TrainConfig, settings: AlignSettings, log=print) -> dict:
         steps, rewards = scalars["eval/reward"]
         plot_evaluation_curve(steps, rewards, scalars["eval/corrected"][1], run / "eval_curve.png")
 
-    held_out = HeldOut.of_dataset(train.data)  # the reward, sampler and prompt source the groups were made with
+    # The reward, sampler and prompt source the groups were made with (prompts: the evaluation file's, if given).
+    held_out = HeldOut.of_dataset(train.data, settings.eval_prompt_file)
     judge = quality_judge(train.model, **settings.judge())
-    prompts = len(held_out.prompts(settings.eval_prompts))
+    prompts = len(held_out.prompts(settings.eval_prompts or None))
     with StageConsole(2 * prompts, "evaluate base, aligned", "prompt") as console:
         summary = run_as_task(evaluation, evaluate_lora, held_out, lora, run / "eval", judge,
-                              num_prompts=settings.eval_prompts,
+                              num_prompts=settings.eval_prompts or None,
                               images_per_prompt=math.ceil(settings.eval_images / prompts), progress=console.remote,
                               log=log)
     pictures = [str(path) for path in (run / "eval" / "comparison.png", run / "training_curves.png",
@@ -130,8 +137,8 @@ def prepare_data(train: TrainConfig, settings: AlignSettings, run: Path, evaluat
     else:
         log(f"[align] groups: complete in {generation.out}, skipped")
     if train.eval_every and not (run / "eval_set" / SETTINGS_FILE).is_file():
-        run_as_task(evaluation, _write_eval_set, train, settings, HeldOut.of_dataset(generation.out),
-                    run / "eval_set", log=log)
+        run_as_task(evaluation, _write_eval_set, train, settings,
+                    HeldOut.of_dataset(generation.out, settings.eval_prompt_file), run / "eval_set", log=log)
     return dataclasses.replace(train, data=generation.out, eval_set=str(run / "eval_set") if train.eval_every else "")
 
 
@@ -139,6 +146,9 @@ def generation_config(train: TrainConfig, settings: AlignSettings, run: Path) ->
     return GenerationConfig(
         task=train.task, model=train.model, revision=train.revision, seed=train.seed, k=settings.k_gen,
         sampler=settings.sampler, num_prompts=settings.num_prompts, out=str(run / "groups"),
+        # A training file is used whole when another file evaluates; otherwise its held-out split evaluates.
+        prompt_file=settings.train_prompt_file,
+        split="all" if settings.train_prompt_file and settings.eval_prompt_file else "train",
         generation_actors=settings.generation_actors, scoring_actors=settings.scoring_actors,
         gpus_per_generator=settings.gpus_per_generator,
     )
@@ -169,6 +179,9 @@ def align_from_arguments(parser: argparse.ArgumentParser, args) -> tuple[TrainCo
         settings = from_arguments(args, AlignSettings, skip=("sampler",), sampler=sampler,
                                   k_gen=profile.images_per_prompt)
         settings.check_group_size(train.k)
+        generation_config(train, settings, Path(settings.out or "."))  # a prompt file of the wrong task, missing
+        if settings.eval_prompt_file:
+            HeldOut.of_task(train.task, train.model, eval_prompt_file=settings.eval_prompt_file)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     return train, settings

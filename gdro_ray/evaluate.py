@@ -8,14 +8,14 @@ from base to aligned (with standard errors), and pictured.
 import csv
 import json
 import textwrap
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
 from gdro_ray.console import StageProgress
 from gdro_ray.data.manifest import file_identity, read_dataset_manifest
-from gdro_ray.data.prompts import PromptRecord
+from gdro_ray.data.prompts import PromptRecord, prompt_file_kind
 from gdro_ray.data.records import tensor_to_image
 from gdro_ray.models import FlowModel, PromptEmbeddings, SamplerSettings, load_flow_model
 from gdro_ray.profiles import profile_for
@@ -42,9 +42,9 @@ def heldout_seeds(num_prompts: int, images_per_prompt: int) -> list[list[int]]:
 
 @dataclass(frozen=True)
 class HeldOut:
-    """What an evaluation draws and how it scores: the held-out split of a task's prompts (or of a prompt
-    file) for a model, sampled with `sampler` and scored with the reward spec `reward`. Read from a group
-    dataset's manifest, it is what the dataset was made with."""
+    """What an evaluation draws and how it scores: the held-out split of a task's prompts or of a prompt file
+    (split "all": the whole of an evaluation file) for a model, sampled with `sampler` and scored with the
+    reward spec `reward`. Read from a group dataset's manifest, it is what the dataset was made with."""
 
     task: str
     model: str
@@ -52,16 +52,20 @@ class HeldOut:
     sampler: SamplerSettings
     reward: dict
     prompt_file: str | None = None
+    split: str = "heldout"
 
     @classmethod
-    def of_task(cls, task: str, model: str, seed: int = 0, sampler: SamplerSettings | None = None) -> "HeldOut":
-        """The model's own defaults for a task."""
+    def of_task(cls, task: str, model: str, seed: int = 0, sampler: SamplerSettings | None = None,
+                eval_prompt_file: str | None = None) -> "HeldOut":
+        """The model's own defaults for a task; with an evaluation file, all of its prompts."""
         profile = profile_for(model)
-        return cls(task, model, seed, sampler or profile.sampler, profile.reward_spec(task))
+        held_out = cls(task, model, seed, sampler or profile.sampler, profile.reward_spec(task))
+        return held_out.on_file(eval_prompt_file) if eval_prompt_file else held_out
 
     @classmethod
-    def of_dataset(cls, directory: str | Path) -> "HeldOut":
-        """The prompts, sampler and reward a group dataset was made with."""
+    def of_dataset(cls, directory: str | Path, eval_prompt_file: str | None = None) -> "HeldOut":
+        """The prompts, sampler and reward a group dataset was made with (prompts: all of an evaluation file's
+        instead, when one is given)."""
         manifest = read_dataset_manifest(directory)
         identity, prompt_file = manifest["identity"], manifest.get("prompt_file")
         if identity["prompt_file"] is not None:
@@ -72,11 +76,29 @@ class HeldOut:
                 raise ValueError(f"the prompt file {prompt_file!r} changed since the dataset in {str(directory)!r} "
                                  "was made from it: its held-out split would be another")
         sampler = SamplerSettings.from_dict(identity["sampler"])
-        return cls(identity["task"], identity["model"], identity["seed"], sampler, identity["reward"], prompt_file)
+        held_out = cls(identity["task"], identity["model"], identity["seed"], sampler, identity["reward"], prompt_file)
+        return held_out.on_file(eval_prompt_file) if eval_prompt_file else held_out
+
+    def on_file(self, eval_prompt_file: str) -> "HeldOut":
+        """The same evaluation over all the prompts of an evaluation file (GenEval's evaluation_metadata.jsonl,
+        Flow-GRPO's test files), which must hold the prompts the reward scores."""
+        if not Path(eval_prompt_file).is_file():
+            raise FileNotFoundError(f"evaluation prompt file {eval_prompt_file!r} does not exist")
+        if prompt_file_kind(eval_prompt_file) != self.reward["name"]:
+            raise ValueError(f"evaluation prompt file {eval_prompt_file!r} holds {prompt_file_kind(eval_prompt_file)} "
+                             f"prompts, but the reward is {self.reward['name']!r}")
+        task = self.task if self.task != "custom" else prompt_file_kind(eval_prompt_file)
+        return replace(self, task=task, prompt_file=str(Path(eval_prompt_file).resolve()), split="all")
 
     def prompts(self, num_prompts: int | None) -> list[PromptRecord]:
-        return profile_for(self.model).prompts(self.task, split="heldout", num_prompts=num_prompts, seed=self.seed,
+        """The first num_prompts of them (None: all, from a file)."""
+        return profile_for(self.model).prompts(self.task, split=self.split, num_prompts=num_prompts, seed=self.seed,
                                                prompt_file=self.prompt_file)
+
+    def record(self, prompts: int) -> dict:
+        """What the evaluation drew, for its summary: the source (a file by name and hash), split and count."""
+        return {"task": self.task, "prompt_file": file_identity(self.prompt_file), "split": self.split,
+                "prompts": prompts}
 
 
 @dataclass
@@ -232,7 +254,8 @@ def format_table(summary: dict) -> str:
 
 
 def evaluate_lora(held_out: HeldOut, lora: str | Path, out: str | Path, judge: QualityJudge, *,
-                  num_prompts: int = 32, images_per_prompt: int = 4, progress: StageProgress | None = None) -> dict:
+                  num_prompts: int | None = 32, images_per_prompt: int = 4,
+                  progress: StageProgress | None = None) -> dict:
     """Base against aligned on held-out prompts, same seeds, with the paired change between them; writes
     results and comparison.png. progress: advanced by each prompt sampled, base and aligned.
 
@@ -258,6 +281,7 @@ def evaluate_lora(held_out: HeldOut, lora: str | Path, out: str | Path, judge: Q
     summary["change"] = paired_change(scores["base"], scores["aligned"])
     # The corrected score is the judge's: which judge, and how many of its answers held no rating.
     summary["judge"] = {"name": judge.describe(), "unparsed": judge.unparsed}
+    summary["held_out"] = held_out.record(len(prompts))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     shown = {name: [row[:GRID_IMAGES_PER_PROMPT] for row in rows[:GRID_PROMPTS]] for name, rows in images.items()}
     comparison_grid(shown["base"], shown["aligned"], [p.prompt for p in prompts[:GRID_PROMPTS]]).save(

@@ -39,13 +39,14 @@ class GenerationConfig:
     model: str = option(DEFAULT_MODEL, "'tiny' (the embedded model), a diffusers FLUX directory, or a hub id")
     revision: str | None = option(None, "hub revision of --model")
     prompt_file: str | None = option(None, "a .txt (one OCR prompt a line) or GenEval .jsonl file")
-    split: str = option("train", "which split of the prompts", choices=("train", "heldout"))
+    split: str = option("train", "which split of the prompts ('all': every prompt of a file)",
+                        choices=("train", "heldout", "all"))
     seed: int = option(0, "dataset seed: decides the prompts, their split and every image's noise")
     k: int = option(16, "images generated per prompt (k_gen); training later draws k <= k_gen of them")
     sampler: SamplerSettings | None = option(None, "how to sample (default: the model's own)")
     reward: dict = option(help="reward spec as JSON over the task's, e.g. '{\"mode\": \"strict\"}'",
                           default_factory=dict)
-    num_prompts: int = option(64, "prompts of the dataset")
+    num_prompts: int | None = option(64, "prompts of the dataset (with --prompt-file, 0: all of the file's)")
     out: str = option("runs/groups", "dataset directory")
     prompts_per_batch: int = option(4, "prompts per generation batch (one shard per scored batch)")
     generation_actors: tuple[int, int] = option((1, 1), "MIN,MAX generation actors: the pool grows with the cluster",
@@ -62,8 +63,10 @@ class GenerationConfig:
         self.reward = profile.reward_spec(self.task, self.prompt_file, self.reward)
         if self.k < 2:
             raise ValueError(f"k (images per prompt) must be >= 2 to form a group, got {self.k}")
-        if self.num_prompts < 1:
-            raise ValueError(f"num_prompts must be >= 1, got {self.num_prompts}")
+        if self.num_prompts == 0 and self.prompt_file is not None:
+            self.num_prompts = None  # all of the file's
+        if self.num_prompts is not None and self.num_prompts < 1:
+            raise ValueError(f"num_prompts must be >= 1 (0: all of a prompt file's), got {self.num_prompts}")
         for name in ("generation_actors", "scoring_actors"):
             low, high = getattr(self, name)
             if not 1 <= low <= high:

@@ -9,9 +9,8 @@ the package asks here and never branches on a model name.
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-from gdro_ray.data.prompts import PROMPT_SETS, PromptRecord, load_prompts
+from gdro_ray.data.prompts import PROMPT_SETS, PromptRecord, load_prompts, prompt_file_kind
 from gdro_ray.models import SamplerSettings, check_model_source
 from gdro_ray.rewards import DEFAULT_SPECS
 from gdro_ray.rewards.quality import QualityJudge
@@ -49,9 +48,13 @@ class ModelProfile:
 
     def prompts(self, task: str, *, split: str, num_prompts: int | None, seed: int,
                 prompt_file: str | None = None) -> list[PromptRecord]:
-        """The first prompts of one split of a task's prompt set, or of a prompt file (task "custom")."""
-        if task == "custom":
+        """The first prompts of one split of a task's prompt set, or of a prompt file (with task "custom", or
+        with the task whose prompts the file holds)."""
+        if prompt_file is not None:
+            check_prompt_file(task, prompt_file)
             return load_prompts("custom", path=prompt_file, num_prompts=num_prompts, seed=seed, split=split)
+        if task == "custom":
+            raise ValueError("the custom task reads its prompts from a file: pass a prompt file")
         if task not in self.prompt_sets:
             raise ValueError(f"unknown task {task!r}; known: {sorted(self.prompt_sets) + ['custom']}")
         return load_prompts(self.prompt_sets[task], num_prompts=num_prompts, seed=seed, split=split)
@@ -63,7 +66,9 @@ class ModelProfile:
         if task == "custom":
             if prompt_file is None:
                 raise ValueError("the custom task needs a prompt file (.txt for OCR, .jsonl for GenEval)")
-            name = "ocr" if Path(prompt_file).suffix == ".txt" else "geneval"
+            name = prompt_file_kind(prompt_file)
+        elif prompt_file is not None:
+            check_prompt_file(task, prompt_file)
         overrides = overrides or {}
         name = overrides.get("name", name)
         known = {**DEFAULT_SPECS, **self.rewards}
@@ -82,6 +87,14 @@ FLUX_PROFILE = ModelProfile(
     rewards={task: DEFAULT_SPECS[task] for task in TASKS},
     judge=None,
 )
+
+
+def check_prompt_file(task: str, prompt_file: str) -> None:
+    """A prompt file given with a task must hold that task's prompts."""
+    kind = prompt_file_kind(prompt_file)
+    if task != "custom" and kind != task:
+        raise ValueError(f"prompt file {prompt_file!r} holds {kind} prompts, but the task is {task!r}: "
+                         f"use a {'.txt' if task == 'ocr' else '.jsonl'} file or --task {kind}")
 
 
 def profile_for(model: str) -> ModelProfile:

@@ -29,7 +29,9 @@ class EvaluateSettings:
     task: str = option("ocr", "without --data: the task", choices=TASKS)
     model: str = option(DEFAULT_MODEL, "without --data: 'tiny', a diffusers FLUX directory, or a hub id")
     seed: int = option(0, "without --data: the dataset seed, which decides the held-out split")
-    eval_prompts: int = option(32, "held-out prompts")
+    eval_prompt_file: str | None = option(None, "evaluate on this file's prompts, e.g. GenEval's 553 of "
+                                                "evaluation_metadata.jsonl or Flow-GRPO's OCR test.txt")
+    eval_prompts: int = option(32, "held-out prompts (0: all of --eval-prompt-file's)")
     images_per_prompt: int = option(4, "images per held-out prompt, one seed each")
     judge_url: str | None = option(None, "an HTTP quality judge (see gdro_ray/rewards/http_judge.py)")
     judge_token_env: str | None = option(None, "environment variable holding the judge's token")
@@ -41,12 +43,14 @@ class EvaluateSettings:
     def __post_init__(self):
         if not self.lora or not Path(self.lora).is_dir():
             raise FileNotFoundError(f"--lora must be a LoRA directory, got {self.lora!r}")
-        for name in ("eval_prompts", "images_per_prompt"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.images_per_prompt < 1 or self.eval_prompts < (0 if self.eval_prompt_file else 1):
+            raise ValueError(f"images_per_prompt must be >= 1 and eval_prompts >= 1 (0 with an evaluation file: "
+                             f"all of it), got {self.images_per_prompt} and {self.eval_prompts}")
 
     def held_out(self) -> HeldOut:
-        return HeldOut.of_dataset(self.data) if self.data else HeldOut.of_task(self.task, self.model, self.seed)
+        if self.data:
+            return HeldOut.of_dataset(self.data, self.eval_prompt_file)
+        return HeldOut.of_task(self.task, self.model, self.seed, eval_prompt_file=self.eval_prompt_file)
 
 
 def main(argv=None) -> dict:
@@ -65,7 +69,7 @@ def main(argv=None) -> dict:
                               settings.judge_mode)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
-    summary = evaluate_lora(held_out, settings.lora, settings.out, judge, num_prompts=settings.eval_prompts,
+    summary = evaluate_lora(held_out, settings.lora, settings.out, judge, num_prompts=settings.eval_prompts or None,
                             images_per_prompt=settings.images_per_prompt)
     print(format_table(summary))
     return summary

@@ -24,7 +24,7 @@ def test_a_small_align_run_fills_its_run_directory_and_a_rerun_skips_every_stage
                  "train/lora/config.yaml", "training_curves.png", "eval_curve.png", "eval/base.json", "eval/base.csv",
                  "eval/aligned.json", "eval/aligned.csv", "eval/summary.json", "eval/comparison.png", "summary.json"):
         assert (run / path).is_file(), path
-    assert set(summary) == {"base", "aligned", "change", "judge", "pictures"}
+    assert set(summary) == {"base", "aligned", "change", "judge", "held_out", "pictures"}
     for name in ("base", "aligned"):
         assert summary[name]["images"] == 4 and 1.0 <= summary[name]["quality"] <= 5.0
     assert json.loads((run / "summary.json").read_text())["aligned"] == summary["aligned"]

@@ -141,7 +141,8 @@ def test_the_evaluate_job_compares_base_and_aligned(tmp_path, capsys):
     model.save_lora(tmp_path / "lora")
     summary = evaluate_job.main(["--task", "geneval", "--lora", str(tmp_path / "lora"), "--eval-prompts", "2",
                                  "--images-per-prompt", "2", "--num-steps", "2", "--out", str(tmp_path / "eval")])
-    assert set(summary) == {"base", "aligned", "change", "judge"} and summary["base"]["images"] == 4
+    assert set(summary) == {"base", "aligned", "change", "judge", "held_out"} and summary["base"]["images"] == 4
+    assert summary["held_out"] == {"task": "geneval", "prompt_file": None, "split": "heldout", "prompts": 2}
     assert summary["judge"] == {"name": "TinyWorldJudge", "unparsed": 0}  # the judge behind the corrected score
     assert 0 <= summary["base"]["geneval"]["overall"] <= 1  # GenEval's metric, over the shapes detector
     assert summary["change"]["reward"]["mean"] == pytest.approx(summary["aligned"]["reward"] - summary["base"]["reward"])

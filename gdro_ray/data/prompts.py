@@ -288,7 +288,16 @@ def _check_clauses(clauses, key: str, allow_empty: bool) -> None:
 
 PromptStream = Callable[[int], Iterator[PromptRecord]]
 PROMPT_SETS: dict[str, PromptStream] = {"geneval": geneval_stream, "ocr": ocr_stream}
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "heldout", "all")  # "all": every prompt, for a set used whole (an evaluation file)
+PROMPT_FILE_KINDS = {".txt": "ocr", ".jsonl": "geneval"}  # which task's prompts a file holds, by its suffix
+
+
+def prompt_file_kind(path: str | Path) -> str:
+    """"ocr" for Flow-GRPO's one-prompt-a-line .txt files, "geneval" for GenEval's .jsonl metadata."""
+    suffix = Path(path).suffix
+    if suffix not in PROMPT_FILE_KINDS:
+        raise ValueError(f"{path}: unknown prompt file type {suffix!r}; expected one of {sorted(PROMPT_FILE_KINDS)}")
+    return PROMPT_FILE_KINDS[suffix]
 
 
 def is_heldout(prompt_id: str, seed: int, heldout_fraction: float) -> bool:
@@ -313,7 +322,8 @@ def load_prompts(
     source: a prompt stream, or its name in PROMPT_SETS, seeded with `seed`; or "custom", which reads `path` (see
     read_prompt_file; repeated prompts are kept once: Flow-GRPO's GenEval test file lists each four times).
     split: "train" or "heldout"; a prompt is held out by is_heldout, so the splits never overlap, hold about
-    1 - heldout_fraction and heldout_fraction of the set, and asking for more prompts keeps those taken.
+    1 - heldout_fraction and heldout_fraction of the set, and asking for more prompts keeps those taken;
+    "all" takes every prompt, in order.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -331,6 +341,8 @@ def load_prompts(
         if num_prompts is None:
             raise ValueError(f"prompt set {source!r} generates its prompts: pass num_prompts=")
         records = (PROMPT_SETS[source] if isinstance(source, str) else source)(seed)
+    if split == "all":
+        return list(itertools.islice(records, num_prompts))
     want_heldout = split == "heldout"
     if heldout_fraction == (0.0 if want_heldout else 1.0):
         return []  # an empty split: without this, an endless generator would be searched forever
