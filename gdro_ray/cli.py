@@ -13,10 +13,11 @@ import typing
 
 
 def option(default=dataclasses.MISSING, help: str = "", choices: tuple | None = None, pair_from_one: bool = False,
-           **kwargs):
-    """A dataclass field with its flag's help text (and choices). pair_from_one: a pair field's flag given one
-    value means that value twice ('--scoring-actors 2' is (2, 2))."""
-    metadata = {"help": help, **({"choices": choices} if choices else {}), "pair_from_one": pair_from_one}
+           aliases: tuple[str, ...] = (), **kwargs):
+    """A dataclass field with its flag's help text (and choices, and other names of the flag). pair_from_one:
+    a pair field's flag given one value means that value twice ('--scoring-actors 2' is (2, 2))."""
+    metadata = {"help": help, **({"choices": choices} if choices else {}), "pair_from_one": pair_from_one,
+                "aliases": aliases}
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
@@ -30,7 +31,8 @@ def add_dataclass_arguments(parser, cls, skip: tuple[str, ...] = ()) -> None:
             item.default_factory() if item.default_factory is not dataclasses.MISSING else None)
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         help_text = item.metadata.get("help", "")
-        parser.add_argument("--" + item.name.replace("_", "-"), dest=item.name, default=None,
+        parser.add_argument("--" + item.name.replace("_", "-"), *item.metadata.get("aliases", ()), dest=item.name,
+                            default=None,
                             type=_parser_for(hints[item.name], item.name, item.metadata.get("pair_from_one", False)),
                             choices=item.metadata.get("choices"),
                             help=f"{help_text} (default: {shown})" if shown not in (None, "", {}) else help_text)

@@ -38,7 +38,8 @@ class GenerationConfig:
     task: str = option("ocr", "ocr, geneval, or custom (with --prompt-file)")
     model: str = option(DEFAULT_MODEL, "'tiny' (the embedded model), a diffusers FLUX directory, or a hub id")
     revision: str | None = option(None, "hub revision of --model")
-    prompt_file: str | None = option(None, "a .txt (one OCR prompt a line) or GenEval .jsonl file")
+    prompt_file: str | None = option(None, "a .txt (one OCR prompt a line) or GenEval .jsonl file",
+                                     aliases=("--train-prompt-file",))
     split: str = option("train", "which split of the prompts ('all': every prompt of a file)",
                         choices=("train", "heldout", "all"))
     seed: int = option(0, "dataset seed: decides the prompts, their split and every image's noise")
