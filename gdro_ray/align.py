@@ -22,17 +22,16 @@ from gdro_ray.generation import GenerationConfig, generate_groups, pending_promp
 from gdro_ray.models import SamplerSettings, load_flow_model
 from gdro_ray.periodic_eval import SETTINGS_FILE, PeriodicEvaluator, build_eval_set, save_eval_set
 from gdro_ray.plots import plot_evaluation_curve, plot_training_curves, read_scalars
-from gdro_ray.profiles import TASKS, profile_for, quality_judge
+from gdro_ray.profiles import TASKS, JudgeSettings, profile_for, quality_judge
 from gdro_ray.resource_plan import (
     StagePlan, check_plans, describe_plans, evaluation_plan, generation_plan, read_capacity, run_as_task,
     training_plan, uses_gpus,
 )
-from gdro_ray.rewards.vlm_judge import JUDGE_MODES
 from gdro_ray.train.trainer import run_training
 
 
 @dataclass
-class AlignSettings:
+class AlignSettings(JudgeSettings):
     """What the align job adds to training: the dataset to generate and the evaluation to run."""
 
     out: str = option("", "run directory (default: runs/JOB-TASK)")
@@ -51,11 +50,6 @@ class AlignSettings:
     eval_images: int = option(384, "images of the final evaluation, spread evenly over its held-out prompts")
     train_eval_prompts: int = option(8, "held-out prompts evaluated every --eval-every steps during training")
     train_eval_images_per_prompt: int = option(4, "images per held-out prompt during training")
-    judge_url: str | None = option(None, "a quality judge server (gdro_ray/rewards/http_judge.py)")
-    judge_token_env: str | None = option(None, "environment variable holding the judge's token")
-    judge_model: str | None = option(None, "a vision-language judge: hub id or local directory")
-    judge_mode: str = option("single", "the vision-language judge's ratings: one, or the paper's three "
-                                       "(alignment, coherence, style) averaged", choices=JUDGE_MODES)
     generation_actors: tuple[int, int] = option((1, 1), "MIN,MAX generation actors", pair_from_one=True)
     scoring_actors: tuple[int, int] = option((1, 1), "MIN,MAX scoring actors", pair_from_one=True)
     gpus_per_generator: float | None = option(None, "default: 1 if the cluster has GPUs, or declares it can get "
@@ -76,11 +70,6 @@ class AlignSettings:
         if k > self.k_gen:
             raise ValueError(f"k ({k}) is larger than k_gen ({self.k_gen}), the images generated per prompt: "
                              "lower --k or raise --k-gen")
-
-    def judge(self) -> dict:
-        """Keyword arguments of profiles.quality_judge."""
-        return {"judge_url": self.judge_url, "token_env": self.judge_token_env, "judge_model": self.judge_model,
-                "judge_mode": self.judge_mode}
 
 
 def run_align(train: TrainConfig, settings: AlignSettings, log=print) -> dict:

@@ -10,10 +10,12 @@ the package asks here and never branches on a model name.
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
+from gdro_ray.cli import option
 from gdro_ray.data.prompts import PROMPT_SETS, PromptRecord, load_prompts, prompt_file_kind
 from gdro_ray.models import SamplerSettings, check_model_source
 from gdro_ray.rewards import DEFAULT_SPECS
 from gdro_ray.rewards.quality import QualityJudge
+from gdro_ray.rewards.vlm_judge import JUDGE_MODES
 
 DEFAULT_MODEL = "tiny"
 TASKS = ("ocr", "geneval")
@@ -116,6 +118,22 @@ def preset_values(preset: str, task: str) -> dict:
     if task not in presets[preset]:
         raise ValueError(f"preset {preset!r} has no settings for task {task!r}; it has {sorted(presets[preset])}")
     return dict(presets[preset][task])
+
+
+@dataclass
+class JudgeSettings:
+    """Which quality judge rates the images (quality_judge), as the flags of the jobs that evaluate."""
+
+    judge_url: str | None = option(None, "an HTTP quality judge (see gdro_ray/rewards/http_judge.py)")
+    judge_token_env: str | None = option(None, "environment variable holding the judge's token")
+    judge_model: str | None = option(None, "a vision-language judge: hub id or local directory")
+    judge_mode: str = option("single", "the vision-language judge's ratings: one, or the paper's three "
+                                       "(alignment, coherence, style) averaged", choices=JUDGE_MODES)
+
+    def judge(self) -> dict:
+        """Keyword arguments of quality_judge."""
+        return {"judge_url": self.judge_url, "token_env": self.judge_token_env, "judge_model": self.judge_model,
+                "judge_mode": self.judge_mode}
 
 
 def quality_judge(model: str, judge_url: str | None = None, token_env: str | None = None,

@@ -18,12 +18,11 @@ from gdro_ray.cli import add_dataclass_arguments, from_arguments, option, values
 from gdro_ray.console import add_verbose_argument, set_verbose
 from gdro_ray.evaluate import HeldOut, evaluate_lora, format_table
 from gdro_ray.models import SamplerSettings
-from gdro_ray.profiles import DEFAULT_MODEL, TASKS, quality_judge
-from gdro_ray.rewards.vlm_judge import JUDGE_MODES
+from gdro_ray.profiles import DEFAULT_MODEL, TASKS, JudgeSettings, quality_judge
 
 
 @dataclass
-class EvaluateSettings:
+class EvaluateSettings(JudgeSettings):
     lora: str = option("", "the aligned LoRA directory (diffusers format); required")
     data: str | None = option(None, "the group dataset the LoRA was trained on")
     task: str = option("ocr", "without --data: the task", choices=TASKS)
@@ -33,11 +32,6 @@ class EvaluateSettings:
                                                 "evaluation_metadata.jsonl or Flow-GRPO's OCR test.txt")
     eval_prompts: int = option(32, "held-out prompts (0: all of --eval-prompt-file's)")
     images_per_prompt: int = option(4, "images per held-out prompt, one seed each")
-    judge_url: str | None = option(None, "an HTTP quality judge (see gdro_ray/rewards/http_judge.py)")
-    judge_token_env: str | None = option(None, "environment variable holding the judge's token")
-    judge_model: str | None = option(None, "a vision-language judge: hub id or local directory")
-    judge_mode: str = option("single", "the vision-language judge's ratings: one, or the paper's three "
-                                       "(alignment, coherence, style) averaged", choices=JUDGE_MODES)
     out: str = option("runs/eval", "where the results and comparison.png go")
 
     def __post_init__(self):
@@ -65,8 +59,7 @@ def main(argv=None) -> dict:
         settings = from_arguments(args, EvaluateSettings)
         held_out = settings.held_out()
         held_out = replace(held_out, sampler=held_out.sampler.with_overrides(**values_given(args, SamplerSettings)))
-        judge = quality_judge(held_out.model, settings.judge_url, settings.judge_token_env, settings.judge_model,
-                              settings.judge_mode)
+        judge = quality_judge(held_out.model, **settings.judge())
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     summary = evaluate_lora(held_out, settings.lora, settings.out, judge, num_prompts=settings.eval_prompts or None,
