@@ -22,7 +22,7 @@ from gdro_ray.flow import TimestepSampler, noise_groups, sample_group_noise
 from gdro_ray.models import LoraSpec, SamplerSettings, load_flow_model
 from gdro_ray.objective import velocity_error
 from gdro_ray.profiles import profile_for
-from gdro_ray.train.step import GDROLossConfig, GroupBatch, gdro_batch_loss
+from gdro_ray.train.step import GroupBatch, LossConfig, group_batch_loss
 
 
 def flow_matching_loss(model, batch: GroupBatch, generator) -> torch.Tensor:
@@ -46,10 +46,10 @@ def measure(variant: str, args) -> dict:
     prompts = model.encode_prompts(["a photo of a red cube"] * args.groups)
     batch = GroupBatch(latents, torch.rand(args.groups, args.k, generator=generator), prompts,
                        SamplerSettings(args.size, args.size, num_steps=28))
-    config = GDROLossConfig()
+    config = LossConfig()
 
     def step():
-        loss = gdro_batch_loss(model, batch, config, generator).loss if variant == "gdro" else \
+        loss = group_batch_loss(model, batch, config, generator).loss if variant == "gdro" else \
             flow_matching_loss(model, batch, generator)
         optimizer.zero_grad()
         loss.backward()

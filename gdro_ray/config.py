@@ -14,7 +14,7 @@ import yaml
 
 from gdro_ray.cli import add_dataclass_arguments, base_type, values_given
 from gdro_ray.flow import TIMESTEP_SAMPLERS
-from gdro_ray.objective import REDUCTIONS
+from gdro_ray.objective import OBJECTIVES, REDUCTIONS
 from gdro_ray.profiles import DEFAULT_MODEL, preset_values, profile_for
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -29,7 +29,10 @@ class TrainConfig:
     task: str = field(default="ocr", metadata={"help": "the task the dataset was made for (selects its preset)"})
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "'tiny', a diffusers FLUX directory, or a hub id"})
     revision: str | None = field(default=None, metadata={"help": "hub revision of --model"})
-    # -- the GDRO objective (paper eq. 6 and the top-1 term)
+    # -- the objective (GDRO: paper eq. 6 and the top-1 term)
+    objective: str = field(default="gdro", metadata={
+        "help": f"one of {OBJECTIVES}: GDRO, hard Plackett-Luce, Diffusion-DPO on each group's best and worst, "
+                "the top-1 member's flow-matching loss alone, DGPO (gdro_ray/objective.py)"})
     k: int = field(default=6, metadata={"help": "group size drawn from each stored group of k_gen images"})
     beta: float = field(default=12.0, metadata={"help": "implicit-reward scale, on the scale of --reduction"})
     tau: float = field(default=0.05, metadata={"help": "temperature of the soft ranking targets softmax(r / tau)"})
@@ -83,7 +86,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not self.gamma >= 0:
             raise ValueError(f"gamma must be >= 0, got {self.gamma}")
-        for name, allowed in (("reduction", REDUCTIONS), ("timesteps", TIMESTEP_SAMPLERS), ("precision", PRECISIONS),
+        for name, allowed in (("objective", OBJECTIVES), ("reduction", REDUCTIONS), ("timesteps", TIMESTEP_SAMPLERS), ("precision", PRECISIONS),
                               ("lr_schedule", LR_SCHEDULES), ("strategy", STRATEGIES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -134,12 +137,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_arguments(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < preset (default: the model's own) < YAML < flags."""
+    """Defaults < preset (default: the model's own, for the task and objective) < YAML < flags."""
     flags = values_given(args, TrainConfig)
     from_file = read_yaml(args.config) if args.config else {}
-    task = flags.get("task", from_file.get("task", TrainConfig.task))
-    model = flags.get("model", from_file.get("model", TrainConfig.model))
-    preset = preset_values(args.preset or profile_for(model).preset, task)
+    chosen = {name: flags.get(name, from_file.get(name, getattr(TrainConfig, name)))
+              for name in ("task", "model", "objective")}
+    preset = preset_values(args.preset or profile_for(chosen["model"]).preset, chosen["task"], chosen["objective"])
     return build_config({**preset, **from_file, **flags})
 
 

@@ -10,8 +10,14 @@ Equations follow the GDRO paper (CVPR 2026): with rewards sorted r_1 >= ... >= r
     q_i(j) = softmax_{j >= i}(r_j / tau)
     L_GDRO = sum_{i=1}^{k-1} ( logsumexp_{m >= i} s_m - sum_{j >= i} q_i(j) s_j )        (GDRO eq. 6)
     L_rank = sum_{i=1}^{k-1} ( logsumexp_{m >= i} s_m - s_i )    (hard Plackett-Luce, tau -> 0)
-    L_DPO  = -log sigmoid(s_w - s_l)                             (k = 2, Diffusion-DPO)
+    L_DPO  = -log sigmoid(s_w - s_l)            (Diffusion-DPO; here on each group's best and worst member)
+    L_DGPO = -log sigmoid( (1/k) sum_i A_i s_i ),  A_i = (r_i - mean r) / (std r + 1e-4), clipped to +-5
+                                         (DGPO, Luo et al. ICLR 2026: the positives, A > 0, preferred as a group
+                                          to the negatives, each member weighted by its advantage)
     L_reg  = ||v - v_theta||^2 on the top-1 member only           (GDRO's stabiliser)
+
+GROUP_LOSSES names each group loss; OBJECTIVES adds "sft", which is L_reg alone (rejection-sampling fine-tuning
+on each group's best member, RAFT-style) and needs no implicit rewards.
 """
 
 import torch
@@ -73,6 +79,56 @@ def dpo_loss(winner_scores: torch.Tensor, loser_scores: torch.Tensor) -> torch.T
     return -F.logsigmoid(winner_scores - loser_scores)
 
 
+def best_worst_dpo_loss(scores: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Diffusion-DPO per group (B,) with its best member the winner and its worst the loser; 0 where they tie."""
+    rewards, mask = _checked_group(rewards, mask)
+    order = rank_by_reward(rewards, mask)
+    best, worst = order[:, :1], order.gather(-1, (mask.sum(-1, keepdim=True) - 1).clamp(min=0))
+    loss = dpo_loss(scores.gather(-1, best), scores.gather(-1, worst)).squeeze(-1)
+    decided = (rewards.gather(-1, best) > rewards.gather(-1, worst)).squeeze(-1)
+    return torch.where(decided, loss, torch.zeros_like(loss))
+
+
+ADVANTAGE_CLIP = 5.0  # Flow-GRPO's and DGPO's adv_clip_max
+
+
+def group_advantages(rewards: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """GRPO's advantages (B, k): rewards normalised over each group's members (population std + 1e-4, as Flow-GRPO's
+    per-prompt statistics), clipped to +-ADVANTAGE_CLIP; 0 on padding."""
+    rewards, mask = _checked_group(rewards, mask)
+    count = mask.sum(-1, keepdim=True).clamp(min=1)
+    rewards = rewards.masked_fill(~mask, 0.0)
+    mean = rewards.sum(-1, keepdim=True) / count
+    std = ((rewards - mean).pow(2).masked_fill(~mask, 0.0).sum(-1, keepdim=True) / count).sqrt()
+    advantages = ((rewards - mean) / (std + 1e-4)).clamp(-ADVANTAGE_CLIP, ADVANTAGE_CLIP)
+    return advantages.masked_fill(~mask, 0.0)
+
+
+def dgpo_loss(scores: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """DGPO's group preference per group (B,): -log sigmoid of the advantage-weighted mean implicit reward; 0 for a
+    group without a spread of rewards (no positives against negatives).
+
+    Since the advantages sum to zero, (1/k) sum_i A_i s_i is R(G+) - R(G-): the positives' weighted implicit
+    reward against the negatives'. DGPO's own code applies the gradient of this loss in a detached-weight
+    form; the gradients agree up to its constant factor.
+    """
+    rewards, mask = _checked_group(rewards, mask)
+    advantages = group_advantages(rewards, mask).to(scores.dtype)
+    margin = (advantages * scores.masked_fill(~mask, 0.0)).sum(-1) / mask.sum(-1).clamp(min=1)
+    loss = -F.logsigmoid(margin)
+    return torch.where(advantages.ne(0).any(-1), loss, torch.zeros_like(loss))
+
+
+def group_loss(objective: str, scores: torch.Tensor, rewards: torch.Tensor, tau: float,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The named group loss per group (B,) over implicit rewards s."""
+    if objective == "gdro":
+        return gdro_loss(scores, rewards, tau, mask)
+    if objective not in GROUP_LOSSES:
+        raise ValueError(f"no group loss named {objective!r}; known: {sorted(GROUP_LOSSES)}")
+    return GROUP_LOSSES[objective](scores, rewards, mask)
+
+
 def top1_regulariser(policy_errors: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The policy's velocity error on each group's highest-reward member (B,)."""
     top = rank_by_reward(rewards, mask)[:, :1]
@@ -123,3 +179,7 @@ def _ranked_cross_entropy(scores: torch.Tensor, targets: torch.Tensor, remaining
     log_norm = torch.logsumexp(row_scores.masked_fill(~visible, float("-inf")), dim=-1)
     expected = (targets.masked_fill(~remaining, 0.0) * row_scores).sum(-1)
     return torch.where(active, log_norm - expected, torch.zeros_like(log_norm)).sum(-1)
+
+
+GROUP_LOSSES = {"gdro": gdro_loss, "pl": plackett_luce_loss, "dpo": best_worst_dpo_loss, "dgpo": dgpo_loss}
+OBJECTIVES = (*GROUP_LOSSES, "sft")

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 TRAINING_PANELS = (
-    ("loss", ("train/loss", "train/loss_gdro", "train/loss_top1")),
+    ("loss", ("train/loss", "train/loss_group", "train/loss_top1")),
     ("implicit-reward ranking", ("train/top1_agreement", "train/kendall_tau")),
 )
 

@@ -35,6 +35,12 @@ OUR_FLUX_SCHEDULE = {
     "geneval": dict(steps=700, lr=3e-4, lora_alpha=32.0),
 }
 PAPER_PRESETS = {task: {**FROM_THE_PAPER[task], **OUR_FLUX_SCHEDULE[task]} for task in TASKS}
+# The other objectives change the GDRO preset where their sources say so. "pl" is the paper's rank-loss ablation
+# (only the loss changes) and "sft" uses neither beta nor gamma. Diffusion-DPO (Wallace et al., CVPR 2024) scales
+# the mean velocity-error difference by beta_dpo / 2 with beta_dpo = 5000, so 2500 here, and has no fine-tuning
+# term. DGPO's configs set beta_dpo = 100 on the same mean; its KL penalty and PPO clipping belong to its online
+# loop (against the policy that sampled) and are left out offline.
+PAPER_OBJECTIVE_PRESETS = {"dpo": dict(beta=2500.0, gamma=0.0), "dgpo": dict(beta=100.0, gamma=0.0)}
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class ModelProfile:
     sampler: SamplerSettings  # how to sample when nothing else is asked
     preset: str  # the name of its training presets
     presets: Mapping[str, dict]  # task -> TrainConfig values
+    objective_presets: Mapping[str, dict]  # objective -> the values it changes in a task's preset
     images_per_prompt: int  # images generated a training prompt (k_gen): training draws k of them
     prompt_sets: Mapping[str, Callable[[int], Iterator[PromptRecord]]]  # task -> seed -> prompts
     rewards: Mapping[str, dict]  # task -> reward spec (gdro_ray.rewards.build_reward)
@@ -84,6 +91,7 @@ FLUX_PROFILE = ModelProfile(
     sampler=SamplerSettings(height=512, width=512, num_steps=28),  # FLUX.1-dev's 28 Euler steps
     preset="paper",
     presets=PAPER_PRESETS,
+    objective_presets=PAPER_OBJECTIVE_PRESETS,
     images_per_prompt=PAPER_IMAGES_PER_PROMPT,
     prompt_sets=PROMPT_SETS,
     rewards={task: DEFAULT_SPECS[task] for task in TASKS},
@@ -104,20 +112,21 @@ def profile_for(model: str) -> ModelProfile:
     if model == DEFAULT_MODEL:
         from gdro_ray.tiny_world import profile as tiny
 
-        return ModelProfile(tiny.WEIGHTS, tiny.SAMPLER, tiny.PRESET, tiny.PRESETS, tiny.IMAGES_PER_PROMPT,
-                            tiny.PROMPT_SETS, tiny.REWARDS, tiny.quality_judge)
+        return ModelProfile(tiny.WEIGHTS, tiny.SAMPLER, tiny.PRESET, tiny.PRESETS, tiny.OBJECTIVE_PRESETS,
+                            tiny.IMAGES_PER_PROMPT, tiny.PROMPT_SETS, tiny.REWARDS, tiny.quality_judge)
     check_model_source(model)
     return replace(FLUX_PROFILE, weights=model)
 
 
-def preset_values(preset: str, task: str) -> dict:
-    """The TrainConfig values of a named preset ("paper", "tiny") for a task."""
-    presets = {profile.preset: profile.presets for profile in (FLUX_PROFILE, profile_for(DEFAULT_MODEL))}
-    if preset not in presets:
-        raise ValueError(f"unknown preset {preset!r}; known: {sorted(presets)}")
-    if task not in presets[preset]:
-        raise ValueError(f"preset {preset!r} has no settings for task {task!r}; it has {sorted(presets[preset])}")
-    return dict(presets[preset][task])
+def preset_values(preset: str, task: str, objective: str = "gdro") -> dict:
+    """The TrainConfig values of a named preset ("paper", "tiny") for a task and an objective."""
+    profiles = {profile.preset: profile for profile in (FLUX_PROFILE, profile_for(DEFAULT_MODEL))}
+    if preset not in profiles:
+        raise ValueError(f"unknown preset {preset!r}; known: {sorted(profiles)}")
+    presets = profiles[preset].presets
+    if task not in presets:
+        raise ValueError(f"preset {preset!r} has no settings for task {task!r}; it has {sorted(presets)}")
+    return {**presets[task], **profiles[preset].objective_presets.get(objective, {}), "objective": objective}
 
 
 @dataclass

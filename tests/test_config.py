@@ -32,6 +32,19 @@ def test_paper_presets_are_the_papers_numbers():
     assert ocr.steps == 300 and geneval.steps == 700
 
 
+def test_each_objective_changes_the_preset_where_its_source_says(tmp_path):
+    dpo = parse(["--preset", "paper", "--task", "ocr", "--objective", "dpo"])
+    assert (dpo.objective, dpo.beta, dpo.gamma, dpo.k) == ("dpo", 2500.0, 0.0, 6)  # Diffusion-DPO's beta_dpo / 2
+    assert parse(["--preset", "paper", "--task", "geneval", "--objective", "dgpo"]).beta == 100.0
+    tiny = parse(["--task", "geneval", "--objective", "dgpo"])
+    assert (tiny.beta, tiny.gamma) == (preset_values("tiny", "geneval")["beta"], 0.0)  # the world's beta
+    assert parse(["--task", "ocr", "--objective", "pl"]).gamma == preset_values("tiny", "ocr")["gamma"]
+    assert parse(["--task", "ocr", "--objective", "dpo", "--gamma", "0.3"]).gamma == 0.3  # flags still win
+    path = tmp_path / "run.yaml"
+    path.write_text("objective: dpo\n")
+    assert parse(["--task", "ocr", "--config", str(path)]).gamma == 0.0  # the file's objective picks the preset
+
+
 def test_flags_override_yaml_which_overrides_the_preset(tmp_path):
     path = tmp_path / "run.yaml"
     save_yaml(TrainConfig(task="geneval", beta=3.0, steps=50), path)
@@ -58,6 +71,8 @@ def test_config_round_trips_and_refuses_bad_values(tmp_path):
             TrainConfig(**{name: bad})
     with pytest.raises(ValueError, match="gamma must be >= 0"):
         TrainConfig(gamma=-1.0)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        TrainConfig(objective="ppo")
     with pytest.raises(FileNotFoundError, match="neither a diffusers pipeline directory nor a hub id"):
         parse(["--model", str(tmp_path / "no-such-model")])
     with pytest.raises(FileNotFoundError, match="missing.yaml"):

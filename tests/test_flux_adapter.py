@@ -10,7 +10,7 @@ from conftest import IMAGE_SIZE, sampler
 from gdro_ray.flow import TimestepSampler, time_shift
 from gdro_ray.models import FluxModel, LoraSpec, load_flow_model
 from gdro_ray.profiles import profile_for
-from gdro_ray.train.step import GDROLossConfig, GroupBatch, gdro_batch_loss
+from gdro_ray.train.step import GroupBatch, LossConfig, group_batch_loss
 
 PROMPTS = ["a photo of a red cube", 'a sign that says "GDRO"']
 SMALL_LORA = LoraSpec(rank=4, alpha=4)
@@ -38,8 +38,8 @@ def gdro_step(model, optimizer, seed=0):
     prompt = model.encode_prompts(PROMPTS[:1])
     group = model.generate(prompt, seeds=[1, 2, 3], sampler=sampler(2))
     batch = GroupBatch(group.latents.unsqueeze(0), torch.tensor([[0.2, 0.9, 0.5]]), prompt, sampler())
-    config = GDROLossConfig(beta=50.0, tau=0.05, gamma=0.5, timesteps=TimestepSampler("uniform"))
-    result = gdro_batch_loss(model, batch, config, torch.Generator().manual_seed(seed))
+    config = LossConfig(beta=50.0, tau=0.05, gamma=0.5, timesteps=TimestepSampler("uniform"))
+    result = group_batch_loss(model, batch, config, torch.Generator().manual_seed(seed))
     optimizer.zero_grad()
     result.loss.backward()
     optimizer.step()

@@ -5,8 +5,14 @@ import pytest
 import torch
 
 from gdro_ray.objective import (
+    ADVANTAGE_CLIP,
+    GROUP_LOSSES,
+    best_worst_dpo_loss,
+    dgpo_loss,
     dpo_loss,
     gdro_loss,
+    group_advantages,
+    group_loss,
     implicit_reward,
     plackett_luce_loss,
     rank_by_reward,
@@ -76,20 +82,58 @@ def test_gdro_tends_to_plackett_luce_as_tau_shrinks():
     assert not torch.allclose(gdro_loss(scores, rewards, tau=1.0), plackett_luce_loss(scores, rewards))
 
 
-@pytest.mark.parametrize("loss", ["gdro", "pl", "top1"])
+@pytest.mark.parametrize("loss", [*GROUP_LOSSES, "top1"])
 def test_permuting_members_with_rewards_leaves_loss_unchanged(loss):
     scores, rewards = random_groups(groups=4, k=6, seed=5)
     mask = torch.ones_like(rewards, dtype=torch.bool)
     mask[1, 4:] = False
-    functions = {
-        "gdro": lambda s, r, m: gdro_loss(s, r, tau=0.3, mask=m),
-        "pl": lambda s, r, m: plackett_luce_loss(s, r, mask=m),
-        "top1": lambda s, r, m: top1_regulariser(s.abs(), r, mask=m),
-    }
+    functions = {name: lambda s, r, m, name=name: group_loss(name, s, r, 0.3, m) for name in GROUP_LOSSES}
+    functions["top1"] = lambda s, r, m: top1_regulariser(s.abs(), r, mask=m)
     before = functions[loss](scores, rewards, mask)
     permutation = torch.randperm(6, generator=torch.Generator().manual_seed(7))
     after = functions[loss](scores[:, permutation], rewards[:, permutation], mask[:, permutation])
     torch.testing.assert_close(after, before)
+
+
+def test_dpo_takes_each_groups_best_and_worst_member():
+    scores, rewards = random_groups(groups=5, k=6, seed=21)
+    mask = torch.ones_like(rewards, dtype=torch.bool)
+    mask[3, 4:] = False  # the worst of group 3 is among its first four
+    expected = []
+    for s, r, m in zip(scores, rewards, mask):
+        members = m.nonzero().squeeze(-1)
+        best, worst = members[r[members].argmax()], members[r[members].argmin()]
+        expected.append(dpo_loss(s[best], s[worst]))
+    torch.testing.assert_close(best_worst_dpo_loss(scores, rewards, mask), torch.stack(expected))
+    tied = torch.full((1, 4), 0.5, dtype=torch.float64)
+    assert best_worst_dpo_loss(scores[:1, :4], tied).item() == 0.0  # no preference, no loss
+
+
+def test_advantages_are_normalised_over_each_groups_members():
+    _, rewards = random_groups(groups=4, k=6, seed=23)
+    mask = torch.ones_like(rewards, dtype=torch.bool)
+    mask[2, 3:] = False
+    advantages = group_advantages(rewards, mask)
+    assert (advantages[2, 3:] == 0).all()
+    for a, m in zip(advantages, mask):
+        assert a[m].mean().item() == pytest.approx(0.0, abs=1e-9)
+        assert a[m].std(unbiased=False).item() == pytest.approx(1.0, rel=1e-3)  # population std, + 1e-4
+    outlier = torch.tensor([[1.0] + [0.0] * 99], dtype=torch.float64)  # one in a hundred: sqrt(99) std units
+    assert group_advantages(outlier)[0, 0].item() == ADVANTAGE_CLIP
+
+
+def test_hand_worked_dgpo_value_and_direction():
+    # k = 2 with rewards (1, 0): advantages (1, -1) (up to the 1e-4), so the margin is (s_1 - s_2) / 2.
+    scores = torch.tensor([[0.8, -0.4]], dtype=torch.float64)
+    rewards = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    expected = -torch.nn.functional.logsigmoid(torch.tensor(0.6 / (1 + 2e-4), dtype=torch.float64))
+    assert dgpo_loss(scores, rewards).item() == pytest.approx(expected.item())
+    # A gradient step raises the implicit reward of members above the group's mean and lowers those below.
+    _, rewards = random_groups(groups=8, k=6, seed=29)
+    free = torch.zeros_like(rewards, requires_grad=True)
+    dgpo_loss(free, rewards).sum().backward()
+    above = rewards > rewards.mean(-1, keepdim=True)
+    assert (free.grad[above] < 0).all() and (free.grad[~above] > 0).all()
 
 
 def test_autograd_matches_finite_differences():
@@ -98,7 +142,8 @@ def test_autograd_matches_finite_differences():
     mask[2, 3:] = False
     scores.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda s: gdro_loss(s, rewards, tau=0.2, mask=mask), (scores,))
-    assert torch.autograd.gradcheck(lambda s: plackett_luce_loss(s, rewards, mask=mask), (scores,))
+    for name in ("pl", "dpo", "dgpo"):
+        assert torch.autograd.gradcheck(lambda s: group_loss(name, s, rewards, 1.0, mask), (scores,))
 
     # Through the implicit reward too: gradients reach the policy errors with the factor -beta.
     generator = torch.Generator().manual_seed(12)
@@ -124,7 +169,7 @@ def test_finite_for_large_beta_ties_and_masks(beta):
     mask[2, 1:] = False  # a group of one: no ranking to learn, zero loss
     scores = implicit_reward(policy, reference, beta)
     scores = scores.masked_fill(~mask, float("nan"))  # padding may hold garbage
-    per_group = gdro_loss(scores, rewards, tau=0.05, mask=mask) + plackett_luce_loss(scores, rewards, mask=mask)
+    per_group = sum(group_loss(name, scores, rewards, 0.05, mask) for name in GROUP_LOSSES)
     per_group.sum().backward()
     assert torch.isfinite(per_group).all()
     assert per_group[2] == 0
@@ -179,6 +224,8 @@ def test_velocity_error_reductions_and_precision():
         (lambda s, r: gdro_loss(s, r.index_fill(1, torch.tensor([2]), float("nan")), tau=0.1), "NaN"),
         (lambda s, r: velocity_error(s, r, reduction="max"), "reduction must be one of"),
         (lambda s, r: gdro_loss(s, r, tau=0.1, mask=torch.ones_like(s)), "bool tensor"),
+        (lambda s, r: group_loss("ppo", s, r, 0.1), "no group loss named 'ppo'"),
+        (lambda s, r: dgpo_loss(s, r.index_fill(1, torch.tensor([0]), float("nan"))), "NaN"),
     ],
 )
 def test_bad_input_is_refused_with_a_clear_error(call, message):

@@ -69,7 +69,7 @@ def test_two_deepspeed_workers_train_and_export_a_diffusers_lora(groups, tmp_pat
     config = train_config(groups, tmp_path, name="zero2", zero_stage=2)
     result = run_training(config)
     assert result.error is None and result.metrics["step"] == 4
-    for name in ("loss", "loss_gdro", "loss_top1", "top1_agreement", "kendall_tau", "implicit_margin",
+    for name in ("loss", "loss_group", "loss_top1", "top1_agreement", "kendall_tau", "implicit_margin",
                  "grad_norm", "lr", "samples_per_second"):
         assert torch.isfinite(torch.tensor(result.metrics[name])), name
     assert list((config.run_directory / "tensorboard").glob("events.out.tfevents.*"))
@@ -111,7 +111,7 @@ def test_loss_falls_when_overfitting_a_small_dataset(groups, tmp_path):
                           num_workers=1, strategy="deepspeed", steps=24, k=6,
                           lr=1e-2, checkpoint_every=24, ema_decay=0.0)
     run_training(config)
-    steps, losses = read_scalars(config.run_directory / "tensorboard")["train/loss_gdro"]  # read back from TensorBoard
+    steps, losses = read_scalars(config.run_directory / "tensorboard")["train/loss_group"]  # read back from TensorBoard
     assert steps == list(range(1, 25))
     # A fresh LoRA scores every member 0, so L_GDRO starts at log 6! (hand-worked in test_train_step);
     # learning the two rankings takes it well below.

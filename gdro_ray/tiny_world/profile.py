@@ -25,6 +25,9 @@ PRESETS = {
                groups_per_step=4, checkpoint_every=100, eval_every=100, cpus_per_worker=0.75, log_every=10)
     for task, beta, gamma in (("ocr", 10.0, 0.5), ("geneval", 6.0, 1.0))
 }
+# Diffusion-DPO and DGPO have no fine-tuning term; their published betas belong to SD's latents, so they keep this
+# world's (gdro_ray/profiles.py says where the FLUX values come from).
+OBJECTIVE_PRESETS = {"dpo": dict(gamma=0.0), "dgpo": dict(gamma=0.0)}
 # Ours: groups of 16 (the paper's size) over all the training prompts did worse here than 8 (docs/results.md).
 IMAGES_PER_PROMPT = 8
 PROMPT_SETS = {"ocr": glyphs_stream, "geneval": shapes_stream}

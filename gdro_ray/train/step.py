@@ -1,8 +1,12 @@
-"""One GDRO loss evaluation on a batch of groups: the bridge between a FlowModel and gdro_ray.objective.
+"""One loss evaluation on a batch of groups: the bridge between a FlowModel and gdro_ray.objective.
 
     x_t = (1 - t) x0 + t eps with one (t, eps) per group      (gdro_ray.flow)
     s   = -beta (||v - v_theta||^2 - ||v - v_ref||^2)          v_ref: the LoRA disabled, no grad
-    L   = L_GDRO(s, r; tau) + gamma * ||v - v_theta||^2 on each group's top-1 member
+    L   = L_group(s, r) + gamma * ||v - v_theta||^2 on each group's top-1 member
+
+L_group is the objective's: GDRO's soft Plackett-Luce (tau), the hard one, Diffusion-DPO on the best and worst
+member, or DGPO. The objective "sft" is the top-1 term alone at weight 1: no reference pass, no implicit rewards.
+Every objective sees the same groups, members and (t, eps), so runs differ in the loss only.
 """
 
 from dataclasses import dataclass, field
@@ -11,15 +15,16 @@ import torch
 
 from gdro_ray.flow import TimestepSampler, noise_groups, sample_group_noise
 from gdro_ray.models.base import FlowModel, PromptEmbeddings, SamplerSettings
-from gdro_ray.objective import REDUCTIONS, gdro_loss, implicit_reward, top1_regulariser, velocity_error
+from gdro_ray.objective import OBJECTIVES, REDUCTIONS, group_loss, implicit_reward, top1_regulariser, velocity_error
 
 
 @dataclass(frozen=True)
-class GDROLossConfig:
-    """The objective's settings. beta belongs to ``reduction``: the same implicit rewards take a beta N times
+class LossConfig:
+    """The objective and its settings. beta belongs to ``reduction``: the same implicit rewards take a beta N times
     larger with "mean" over latent elements than with "sum" (the squared norm), N the latent's element count:
     65,536 for a 512x512 FLUX latent (1,024 tokens x 64 channels), 1,024 for the tiny model's 32x32."""
 
+    objective: str = "gdro"
     beta: float = 12.0
     tau: float = 0.05
     gamma: float = 0.5
@@ -32,6 +37,8 @@ class GDROLossConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
 
@@ -49,16 +56,16 @@ class GroupBatch:
 
 
 @dataclass
-class GDROLoss:
+class BatchLoss:
     loss: torch.Tensor  # scalar, differentiable
-    gdro: torch.Tensor  # the parts, detached, for logging
+    group: torch.Tensor  # the parts, detached, for logging (group: 0 under "sft")
     top1: torch.Tensor
-    scores: torch.Tensor  # implicit rewards (B, k), detached
+    scores: torch.Tensor | None  # implicit rewards (B, k), detached; None under "sft"
 
 
-def gdro_batch_loss(
-    model: FlowModel, batch: GroupBatch, config: GDROLossConfig, generator: torch.Generator | None = None
-) -> GDROLoss:
+def group_batch_loss(
+    model: FlowModel, batch: GroupBatch, config: LossConfig, generator: torch.Generator | None = None
+) -> BatchLoss:
     groups, k = batch.rewards.shape
     t, eps = sample_group_noise(groups, tuple(batch.latents.shape[2:]), config.timesteps, generator)
     latents = batch.latents.float()
@@ -70,16 +77,18 @@ def gdro_batch_loss(
     times = t.repeat_interleave(k)
     members = batch.prompts.select(torch.arange(groups).repeat_interleave(k))
     policy = model.velocity(x_t, times, members, batch.sampler)
-    with torch.no_grad(), model.reference():
-        reference = model.velocity(x_t, times, members, batch.sampler)
     target = target.to(policy.device)
     policy_error = velocity_error(policy, target, config.reduction).view(groups, k)
-    reference_error = velocity_error(reference, target, config.reduction).view(groups, k)
-
     rewards = batch.rewards.to(policy.device)
     mask = None if batch.mask is None else batch.mask.to(policy.device)
-    scores = implicit_reward(policy_error, reference_error, config.beta)
-    group_loss = gdro_loss(scores, rewards, config.tau, mask)
     top1 = top1_regulariser(policy_error, rewards, mask)
-    loss = (group_loss + config.gamma * top1).mean()
-    return GDROLoss(loss, group_loss.mean().detach(), top1.mean().detach(), scores.detach())
+    if config.objective == "sft":
+        return BatchLoss(top1.mean(), torch.zeros(()), top1.mean().detach(), None)
+
+    with torch.no_grad(), model.reference():
+        reference = model.velocity(x_t, times, members, batch.sampler)
+    reference_error = velocity_error(reference, target, config.reduction).view(groups, k)
+    scores = implicit_reward(policy_error, reference_error, config.beta)
+    ranking = group_loss(config.objective, scores, rewards, config.tau, mask)
+    loss = (ranking + config.gamma * top1).mean()
+    return BatchLoss(loss, ranking.mean().detach(), top1.mean().detach(), scores.detach())

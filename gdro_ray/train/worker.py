@@ -1,9 +1,9 @@
-"""The GDRO training loop that runs on every Ray Train worker, in the order a reader follows it:
+"""The training loop that runs on every Ray Train worker, in the order a reader follows it:
 
     setup     the model with a fresh LoRA, optimiser, schedule, DeepSpeed or DDP, EMA of the LoRA
     restore   the latest checkpoint's weights, optimiser, EMA, step and random state, if there is one
     step      per micro-batch: B groups from this worker's shard, k members drawn per group, one (t, eps)
-              per group, policy and reference velocities, L_GDRO + gamma * L_reg in float32; a non-finite
+              per group, policy and reference velocities, the objective's loss in float32; a non-finite
               loss on any worker skips the micro-batch on all of them (collectives stay in step), and
               max_nonfinite_steps in a row stop the run before the LoRA is corrupted
     evaluate  with an evaluator handed in by the recipe, rank 0 scores the EMA LoRA on held-out prompts
@@ -33,7 +33,7 @@ from gdro_ray.models import FlowModel, LoraSpec, load_flow_model
 from gdro_ray.profiles import profile_for
 from gdro_ray.train.groups import TRAINING_COLUMNS, group_batch
 from gdro_ray.train.metrics import ranking_agreement
-from gdro_ray.train.step import GDROLossConfig, GroupBatch, gdro_batch_loss
+from gdro_ray.train.step import GroupBatch, LossConfig, group_batch_loss
 from gdro_ray.train.strategies import DataParallelStrategy, DeepSpeedStrategy
 
 Evaluator = Callable[[FlowModel], dict]  # model -> {"eval_reward": ..., ...}
@@ -87,7 +87,7 @@ class WorkerRun:
     scheduler: object
     ema: EMAModel | None
     generator: torch.Generator
-    loss_config: GDROLossConfig | None = None  # made on the first batch: FLUX's timestep shift needs its size
+    loss_config: LossConfig | None = None  # made on the first batch: FLUX's timestep shift needs its size
 
 
 def setup(config: TrainConfig) -> WorkerRun:
@@ -144,9 +144,10 @@ def micro_step(run: WorkerRun, batch: GroupBatch, guard: "_NonFiniteGuard", wind
     """Forward and backward of one micro-batch; True when it completed an optimiser step."""
     if run.loss_config is None:
         config = run.config
-        run.loss_config = GDROLossConfig(beta=config.beta, tau=config.tau, gamma=config.gamma,
-                                         reduction=config.reduction, timesteps=_timestep_sampler(run, batch))
-    result = gdro_batch_loss(run.model, batch, run.loss_config, run.generator)
+        run.loss_config = LossConfig(objective=config.objective, beta=config.beta, tau=config.tau,
+                                     gamma=config.gamma, reduction=config.reduction,
+                                     timesteps=_timestep_sampler(run, batch))
+    result = group_batch_loss(run.model, batch, run.loss_config, run.generator)
     if not _finite_everywhere(result.loss, run.device):
         guard.skip(step)
         console.message(f"step {step}: non-finite loss, micro-batch skipped ({guard.in_a_row} in a row)")
@@ -283,8 +284,9 @@ class _Window:
     started: float = field(default_factory=time.perf_counter)
 
     def add(self, result, batch) -> None:
-        values = {"loss": result.loss.item(), "loss_gdro": result.gdro.item(), "loss_top1": result.top1.item(),
-                  **ranking_agreement(result.scores.cpu(), batch.rewards, batch.mask)}
+        values = {"loss": result.loss.item(), "loss_group": result.group.item(), "loss_top1": result.top1.item()}
+        if result.scores is not None:
+            values |= ranking_agreement(result.scores.cpu(), batch.rewards, batch.mask)
         for name, value in values.items():
             self.sums[name] = self.sums.get(name, 0.0) + value
         self.count += 1
