@@ -178,9 +178,8 @@ def paired_change(base: list[ImageScore], aligned: list[ImageScore]) -> dict:
         raise ValueError(f"a paired change needs at least 2 images, got {len(pairs)}")
 
     def mean_and_error(differences: list[float]) -> dict:
-        mean = _mean(differences)
-        variance = sum((d - mean) ** 2 for d in differences) / (len(differences) - 1)
-        return {"mean": mean, "standard_error": (variance / len(differences)) ** 0.5}
+        mean, error = mean_and_standard_error(differences)
+        return {"mean": mean, "standard_error": error}
 
     scored = [(b, a) for b, a in pairs if b.reward is not None and a.reward is not None]  # both with a reward
     if len(scored) < 2:
@@ -191,16 +190,29 @@ def paired_change(base: list[ImageScore], aligned: list[ImageScore]) -> dict:
             "reward_pairs": len(scored)}
 
 
+def mean_and_standard_error(values: list[float]) -> tuple[float, float | None]:
+    """The mean and its standard error (None from a single value)."""
+    mean = _mean(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
+
+
 def write_results(directory: str | Path, name: str, scores: list[ImageScore], summary: dict) -> None:
     """NAME.json (summary and every image's scores) and NAME.csv (one row per image)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     records = [asdict(s) for s in scores]
     (directory / f"{name}.json").write_text(json.dumps({"summary": summary, "images": records}, indent=2))
-    with open(directory / f"{name}.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+    write_csv(records, directory / f"{name}.csv")
+
+
+def write_csv(rows: list[dict], path: str | Path) -> None:
+    """Rows of the same keys as a CSV file with a header."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(records)
+        writer.writerows(rows)
 
 
 LABEL_WIDTH = 36  # characters of prompt text per line of a row's label
@@ -253,6 +265,31 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def evaluation_draw(held_out: HeldOut, num_prompts: int | None, images_per_prompt: int
+                    ) -> tuple[list[PromptRecord], list[list[int]]]:
+    """The prompts (the first num_prompts; None: all of a file's) and the seeds of a final evaluation."""
+    prompts = held_out.prompts(num_prompts)
+    if not prompts:
+        raise ValueError(f"no held-out prompts for task {held_out.task!r} (prompt file: {held_out.prompt_file})")
+    return prompts, heldout_seeds(len(prompts), images_per_prompt)
+
+
+def sample_and_score(model: FlowModel, held_out: HeldOut, reward: Reward, judge: QualityJudge,
+                     prompts: list[PromptRecord], seeds: list[list[int]], progress: StageProgress | None = None
+                     ) -> tuple[list[ImageScore], list[list[Image.Image]]]:
+    """Every prompt's images from its seeds, scored by the reward and the judge."""
+    images = generate_images(model, prompts, seeds, held_out.sampler, progress=progress)
+    return score_images(reward, judge, prompts, seeds, images, held_out.task), images
+
+
+def read_scores(directory: str | Path, name: str) -> list[ImageScore]:
+    """The per-image scores written by write_results."""
+    path = Path(directory) / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no evaluation results at {str(path)!r}")
+    return [ImageScore(**record) for record in json.loads(path.read_text())["images"]]
+
+
 def evaluate_lora(held_out: HeldOut, lora: str | Path, out: str | Path, judge: QualityJudge, *,
                   num_prompts: int | None = 32, images_per_prompt: int = 4,
                   progress: StageProgress | None = None) -> dict:
@@ -265,17 +302,14 @@ def evaluate_lora(held_out: HeldOut, lora: str | Path, out: str | Path, judge: Q
     if (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
     reward = build_reward(held_out.reward)
-    prompts = held_out.prompts(num_prompts)
-    if not prompts:
-        raise ValueError(f"no held-out prompts for task {held_out.task!r} (prompt file: {held_out.prompt_file})")
-    seeds = heldout_seeds(len(prompts), images_per_prompt)
+    prompts, seeds = evaluation_draw(held_out, num_prompts, images_per_prompt)
     model = load_flow_model(profile_for(held_out.model).weights)
-    images = {"base": generate_images(model, prompts, seeds, held_out.sampler, progress=progress)}
+    scores, images = {}, {}
+    scores["base"], images["base"] = sample_and_score(model, held_out, reward, judge, prompts, seeds, progress)
     model.load_lora(lora)  # the same model, so a real checkpoint is held once
-    images["aligned"] = generate_images(model, prompts, seeds, held_out.sampler, progress=progress)
-    summary, scores = {}, {}
-    for name, rows in images.items():
-        scores[name] = score_images(reward, judge, prompts, seeds, rows, held_out.task)
+    scores["aligned"], images["aligned"] = sample_and_score(model, held_out, reward, judge, prompts, seeds, progress)
+    summary = {}
+    for name in ("base", "aligned"):
         summary[name] = summarise(scores[name])
         write_results(out, name, scores[name], summary[name])
     summary["change"] = paired_change(scores["base"], scores["aligned"])

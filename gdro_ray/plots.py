@@ -48,6 +48,20 @@ def plot_evaluation_curve(steps: list[int], rewards: list[float], corrected: lis
     return _save(figure, out)
 
 
+def plot_curves_by_label(curves: dict[str, dict[str, tuple[list[int], list[float]]]], out: str | Path) -> Path:
+    """One panel per held-out score (eval/reward, eval/corrected), one line per label: label -> tag -> (steps,
+    values)."""
+    panels = (("eval/reward", "held-out reward"), ("eval/corrected", "corrected score"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(11, 4))
+    for axis, (tag, title) in zip(axes, panels):
+        for label, series in curves.items():
+            if tag in series:
+                axis.plot(*series[tag], marker="o", label=label)
+        axis.set(title=f"{title} (mean over seeds)", xlabel="step")
+    axes[-1].legend(fontsize="small", ncol=2)
+    return _save(figure, out)
+
+
 def _save(figure, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

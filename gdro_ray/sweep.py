@@ -14,7 +14,6 @@ runs show early on (docs/results.md). The first trial is the preset itself.
     RUN/best_lora/                the best trial's LoRA from its last checkpoint (diffusers format)
 """
 
-import csv
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from gdro_ray.align import AlignSettings, generation_config, prepare_data
 from gdro_ray.cli import option
 from gdro_ray.config import TrainConfig, build_config
 from gdro_ray.console import metric_line
+from gdro_ray.evaluate import write_csv
 from gdro_ray.periodic_eval import PeriodicEvaluator
 from gdro_ray.resource_plan import (
     TRIAL_DRIVER_CPUS, ClusterCapacity, check_plans, cluster_ready_for, describe_plans, evaluation_plan,
@@ -145,7 +145,7 @@ def run_sweep(train: TrainConfig, align: AlignSettings, sweep: SweepSettings, lo
 def _summarise(results, train: TrainConfig, run: Path) -> dict:
     """results.csv and best.yaml from the trials' results; the best trial's settings."""
     rows = _result_rows(results, train.steps)
-    _write_csv(rows, run / "results.csv")
+    write_csv(rows, run / "results.csv")
     finished = [row for row in rows if row.get(METRIC) is not None]
     if not finished:
         raise RuntimeError(f"no trial reported {METRIC}; see {run / 'tune'} for the trials' errors")
@@ -224,10 +224,3 @@ def _last_checkpoint_path(result) -> str:
         return ""
     paths = history[CHECKPOINT_PATH_KEY].dropna()
     return str(paths.iloc[-1]) if len(paths) else ""
-
-
-def _write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
