@@ -5,6 +5,7 @@ The head is a real `ray start --head`, so nothing here can borrow logical CPUs t
 every stage's resource plan has to fit 2 CPUs, or the job has to say at its start that it does not.
 """
 
+import contextlib
 import json
 import os
 import secrets
@@ -16,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -34,8 +36,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """`ray start --head --num-cpus 2` with token auth; yields a Jobs API client. `ray stop` at the end stops
-    every Ray on this machine: the other test modules' local Rays are shut down by then."""
+    """`ray start --head --num-cpus 2` with token auth; yields a Jobs API client. At the end it stops this head
+    only (not `ray stop`, which would stop every Ray on the machine, a user's runs included)."""
     temp = Path(tempfile.mkdtemp(prefix="gdro-head-", dir="/tmp"))  # short: Ray's socket paths have a length limit
     token = secrets.token_hex(32)
     with pytest.MonkeyPatch.context() as env:
@@ -51,8 +53,19 @@ def ray_head():
         try:
             yield _client(f"http://127.0.0.1:{dashboard}", token)
         finally:
-            subprocess.run([BIN / "ray", "stop", "--force"], capture_output=True)
+            _stop_head(temp)
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_head(temp: Path) -> None:
+    """Kill the head's own processes: those started with its temp directory on their command line (GCS, raylet,
+    dashboard, monitors); its workers and agents end with their raylet."""
+    own = [process for process in psutil.process_iter(["cmdline"])
+           if any(str(temp) in part for part in process.info["cmdline"] or ())]
+    for process in own:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(own, timeout=30)
 
 
 def _client(address: str, token: str) -> JobSubmissionClient:
