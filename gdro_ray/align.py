@@ -5,6 +5,8 @@
     RUN/train/           GDRO LoRA training (Ray Train + DeepSpeed): checkpoints, tensorboard/, lora/
     RUN/training_curves.png, RUN/eval_curve.png
     RUN/eval/            base against aligned on held-out prompts: JSON, CSV, comparison.png
+    RUN/summary.json     the final evaluation, and what the method cost: the compute meter of generation
+                         (the dataset's manifest) and of training (its last report), and their total
 """
 
 import argparse
@@ -17,8 +19,10 @@ from pathlib import Path
 from gdro_ray.cli import add_dataclass_arguments, from_arguments, option, values_given
 from gdro_ray.config import TrainConfig, add_arguments, config_from_arguments
 from gdro_ray.console import StageConsole
+from gdro_ray.data.manifest import read_dataset_manifest
 from gdro_ray.evaluate import HeldOut, evaluate_lora
 from gdro_ray.generation import GenerationConfig, generate_groups, pending_prompts
+from gdro_ray.meter import ComputeMeter
 from gdro_ray.models import SamplerSettings, load_flow_model
 from gdro_ray.periodic_eval import SETTINGS_FILE, PeriodicEvaluator, build_eval_set, save_eval_set
 from gdro_ray.plots import plot_evaluation_curve, plot_training_curves, read_scalars
@@ -109,9 +113,19 @@ def run_align(train: TrainConfig, settings: AlignSettings, log=print) -> dict:
                               log=log)
     pictures = [str(path) for path in (run / "eval" / "comparison.png", run / "training_curves.png",
                                        run / "eval_curve.png") if path.is_file()]
-    summary = {**summary, "pictures": pictures}
+    summary = {**summary, "compute": method_compute(train.data, scalars), "pictures": pictures}
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def method_compute(data: str, scalars: dict) -> dict:
+    """What the method cost (gdro_ray.meter): making and scoring the group dataset, training (the last report's
+    totals), and both together. Evaluation is not counted."""
+    training = ComputeMeter.from_metrics({tag.removeprefix("train/"): values[-1] for tag, (_, values) in
+                                          scalars.items() if tag.startswith("train/compute_")})
+    generation = read_dataset_manifest(data)["counts"].get("compute")
+    total = training.add(generation) if generation else None
+    return {"generation": generation, "training": training.as_dict(), "total": total.as_dict() if total else None}
 
 
 def prepare_data(train: TrainConfig, settings: AlignSettings, run: Path, evaluation: StagePlan,

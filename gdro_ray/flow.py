@@ -83,6 +83,36 @@ def noise_groups(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> tuple[
     return noisy_latents(x0, eps, t), velocity_target(x0, eps)
 
 
+def sde_transition(x: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
+                   noise_level: float, sigma_cap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flow-GRPO's SDE form of one Euler step from sigma to sigma_next (< sigma): the Gaussian transition
+    x_next ~ N(mean, std^2) with the same marginals as the ODE. Returns (mean, std, sigma_t), std the transition's
+    and sigma_t = noise_level * sqrt(sigma / (1 - sigma)) its noise scale per unit time (sigma = 1 taken as
+    sigma_cap, the sampler's next sigma, where the formula divides by zero). sigma, sigma_next: (B,) or scalars.
+
+        mean = x (1 + sigma_t^2 dt / (2 sigma)) + v (1 + sigma_t^2 (1 - sigma) / (2 sigma)) dt,  dt = sigma_next - sigma
+        std  = sigma_t sqrt(-dt)
+
+    As noise_level -> 0 the mean is the Euler step x + v dt and std -> 0. Computed in float32 or wider.
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x, velocity = x.to(dtype), velocity.to(dtype)
+    sigma, sigma_next = _broadcast_like(sigma, x), _broadcast_like(sigma_next, x)
+    dt = sigma_next - sigma
+    noise_scale = noise_level * torch.sqrt(sigma / (1 - torch.where(sigma >= 1, torch.full_like(sigma, sigma_cap), sigma)))
+    mean = (x * (1 + noise_scale**2 / (2 * sigma) * dt)
+            + velocity * (1 + noise_scale**2 * (1 - sigma) / (2 * sigma)) * dt)
+    return mean, noise_scale * torch.sqrt(-dt), noise_scale
+
+
+def transition_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """The Gaussian log-density of sample under N(mean, std^2), averaged over all dims but the first (B,), as
+    Flow-GRPO averages it (a per-element log-probability keeps ratios on one scale for any image size)."""
+    std = std.expand_as(mean)
+    log_density = -((sample.to(mean.dtype) - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return log_density.flatten(1).mean(dim=1)
+
+
 def _broadcast_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
     return t.reshape(t.shape + (1,) * (x.dim() - t.dim()))

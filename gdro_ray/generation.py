@@ -24,6 +24,7 @@ from gdro_ray.data.manifest import MANIFEST_NAME, check_resumable, file_identity
 from gdro_ray.data.prompts import PromptRecord
 from gdro_ray.data.records import image_to_png, png_to_image, tensor_to_bytes
 from gdro_ray.data.shards import read_shards, remove_partial_shards, shard_paths, write_shard, written_prompt_ids
+from gdro_ray.meter import ComputeMeter
 from gdro_ray.models import SamplerSettings, load_flow_model
 from gdro_ray.profiles import DEFAULT_MODEL, profile_for
 from gdro_ray.resource_plan import StagePlan, cluster_ready_for, generation_plan, read_capacity
@@ -104,6 +105,8 @@ class GroupGenerator:
         quiet_libraries()
         self.config = config
         self.model = load_flow_model(profile_for(config.model).weights, revision=config.revision)
+        self.meter = ComputeMeter()
+        self.meter.watch(self.model.transformer)
 
     def __call__(self, batch: dict) -> pa.Table:
         config, started = self.config, time.perf_counter()
@@ -111,6 +114,7 @@ class GroupGenerator:
         rows = []
         for index, prompt_id in enumerate(batch["prompt_id"]):
             seeds = [derive_seed(config.seed, str(prompt_id), i) for i in range(config.k)]
+            forwards = self.meter.forward_passes
             group = self.model.generate(prompts.select([index]), seeds, config.sampler)
             latents, latents_shape, latents_dtype = tensor_to_bytes(group.latents)
             sequence, sequence_shape, embeds_dtype = tensor_to_bytes(prompts.sequence[index])
@@ -132,6 +136,7 @@ class GroupGenerator:
                     "pooled_embeds_shape": pooled_shape,
                     "embeds_dtype": embeds_dtype,
                     "sampler": json.dumps(config.sampler.to_dict()),
+                    "forward_passes": self.meter.forward_passes - forwards,
                 }
             )
         table = pa.Table.from_pylist(rows)
@@ -152,13 +157,17 @@ class GroupScorer:
         rows = batch.to_pylist()
         started = time.perf_counter()
         for row in rows:
+            row_started = time.perf_counter()
             metadata = {**json.loads(row["metadata"]), "prompt": row["prompt"]}
             images = [png_to_image(png) for png in row["images"]]
             results = score_safely(self.reward, images, [metadata] * len(images))
             row["rewards"] = [None if result.reward is None else float(result.reward) for result in results]
             row["reward_details"] = [json.dumps(result.details) for result in results]
+            seconds = {"generation": row["generation_seconds"], "scoring": time.perf_counter() - row_started}
+            row["compute"] = json.dumps(ComputeMeter(row["forward_passes"], len(images), seconds).as_dict())
         scored = time.perf_counter()
-        write_shard([{k: v for k, v in row.items() if k != "generation_seconds"} for row in rows], self.shard_directory)
+        write_shard([{k: v for k, v in row.items() if k not in ("generation_seconds", "forward_passes")}
+                     for row in rows], self.shard_directory)
         written = time.perf_counter()
         return pa.table(
             {
@@ -211,7 +220,20 @@ def generate_groups(config: GenerationConfig, overwrite: bool = False, progress:
     counts["unscored_images"] = sum(map(len, rewards)) - len(scored)  # their reward failed: in no ranking
     counts["generated_this_run"] = len(todo)
     counts["seconds_per_group"] = {k: v / max(len(todo), 1) for k, v in stage_seconds.items()}
+    counts["compute"] = dataset_compute(out) if shard_paths(out) else None
     return write_manifest(out, config.identity(), counts, complete=True, prompt_file=config.prompt_file)
+
+
+def dataset_compute(directory: str | Path) -> dict | None:
+    """What making and scoring every group of a dataset cost, summed over its rows (gdro_ray.meter); None for
+    a dataset with rows made before the meter."""
+    rows = read_shards(directory, columns=["compute"]).column("compute").to_pylist()
+    if not rows or None in rows:
+        return None
+    total = ComputeMeter()
+    for row in rows:
+        total = total.add(json.loads(row))
+    return total.as_dict()
 
 
 def _pipeline(config: GenerationConfig, plan: StagePlan, prompts: list[PromptRecord]) -> ray.data.Dataset:

@@ -24,7 +24,15 @@ def test_a_small_align_run_fills_its_run_directory_and_a_rerun_skips_every_stage
                  "train/lora/config.yaml", "training_curves.png", "eval_curve.png", "eval/base.json", "eval/base.csv",
                  "eval/aligned.json", "eval/aligned.csv", "eval/summary.json", "eval/comparison.png", "summary.json"):
         assert (run / path).is_file(), path
-    assert set(summary) == {"base", "aligned", "change", "judge", "held_out", "pictures"}
+    assert set(summary) == {"base", "aligned", "change", "judge", "held_out", "compute", "pictures"}
+    # The meter, counted: 4 sampler steps per image; 4 steps of 2 groups x 3 members, each a policy forward, a
+    # reference forward and a backward (two forwards).
+    groups = json.loads((run / "groups" / "manifest.json").read_text())["counts"]["groups"]
+    compute = summary["compute"]
+    assert compute["generation"]["forward_passes"] == groups * 4 * 4
+    assert compute["generation"]["reward_calls"] == groups * 4
+    assert compute["training"]["forward_passes"] == 4 * 2 * 3 * 4 and compute["training"]["seconds"]["training"] > 0
+    assert compute["total"]["forward_passes"] == groups * 16 + 96
     for name in ("base", "aligned"):
         assert summary[name]["images"] == 4 and 1.0 <= summary[name]["quality"] <= 5.0
     assert json.loads((run / "summary.json").read_text())["aligned"] == summary["aligned"]

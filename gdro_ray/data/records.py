@@ -32,6 +32,7 @@ GROUP_SCHEMA = pa.schema(
         ("rewards", pa.list_(pa.float64())),
         ("reward_details", pa.list_(pa.string())),  # JSON per member
         ("sampler", pa.string()),  # JSON: height, width, steps, guidance
+        ("compute", pa.string()),  # JSON: what making and scoring the group cost (gdro_ray.meter)
     ]
 )
 

@@ -147,6 +147,14 @@ class FlowModel(ABC):
         empty prompt's embeddings for classifier-free guidance (default: encoded on first use)."""
 
     @abstractmethod
+    def initial_noise(self, seeds: list[int], sampler: SamplerSettings) -> torch.Tensor:
+        """The packed starting noise (k, N, C) that generate() draws from these seeds, on the model's device."""
+
+    @abstractmethod
+    def sampling_sigmas(self, sampler: SamplerSettings) -> torch.Tensor:
+        """The noise levels generate() steps through, from 1 to 0 (num_steps + 1,), float32 on the CPU."""
+
+    @abstractmethod
     def timestep_shift_mu(self, height: int, width: int) -> float:
         """The resolution-dependent shift the model's sampler uses at this image size."""
 

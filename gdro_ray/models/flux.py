@@ -9,6 +9,7 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
@@ -180,6 +181,19 @@ class FluxModel(FlowModel):
         )[0]
         images = self.decode_latents(latents, sampler.height, sampler.width)
         return GeneratedGroup(latents, images, [int(s) for s in seeds])
+
+    def initial_noise(self, seeds: list[int], sampler: SamplerSettings) -> torch.Tensor:
+        generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+        latents, _ = self.pipeline.prepare_latents(len(seeds), self.transformer.config.in_channels // 4, sampler.height,
+                                                   sampler.width, self.dtype, self.device, generators)
+        return latents
+
+    def sampling_sigmas(self, sampler: SamplerSettings) -> torch.Tensor:
+        # FluxPipeline's own schedule: linspace(1, 1/N, N) moved by the resolution's shift, then a final 0.
+        scheduler = self.pipeline.scheduler
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / sampler.num_steps, sampler.num_steps).tolist(),
+                                mu=self.timestep_shift_mu(sampler.height, sampler.width), device="cpu")
+        return scheduler.sigmas.float().clone()
 
     def timestep_shift_mu(self, height: int, width: int) -> float:
         config = self.pipeline.scheduler.config

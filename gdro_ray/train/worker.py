@@ -7,9 +7,10 @@
               loss on any worker skips the micro-batch on all of them (collectives stay in step), and
               max_nonfinite_steps in a row stop the run before the LoRA is corrupted
     evaluate  with an evaluator handed in by the recipe, rank 0 scores the EMA LoRA on held-out prompts
-              every eval_every steps (and at step 0: the base model)
-    report    every log_every steps: metrics to Ray Train, TensorBoard and the console; a checkpoint every
-              checkpoint_every steps and at the end
+              every eval_every steps (and at step 0: the base model), unmetered
+    report    every log_every steps: metrics to Ray Train, TensorBoard and the console, with the compute meter's
+              totals over all workers and attempts (gdro_ray.meter); a checkpoint every checkpoint_every
+              steps and at the end
 """
 
 import contextlib
@@ -29,6 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 from gdro_ray.config import TrainConfig
 from gdro_ray.console import StageProgress, quiet_libraries
 from gdro_ray.flow import TimestepSampler
+from gdro_ray.meter import ComputeMeter
 from gdro_ray.models import FlowModel, LoraSpec, load_flow_model
 from gdro_ray.profiles import profile_for
 from gdro_ray.train.groups import TRAINING_COLUMNS, group_batch
@@ -57,7 +59,9 @@ def train_worker(values: dict, evaluator: Evaluator | None = None, progress: Sta
     batches = _batches(ray.train.get_dataset_shard("train"), config, run.generator)
     guard, window = _NonFiniteGuard(config.max_nonfinite_steps), _Window(run.world)
     while step < config.steps:
-        if not micro_step(run, next(batches), guard, window, console, step):
+        with run.meter.stage("training"):
+            stepped = micro_step(run, next(batches), guard, window, console, step)
+        if not stepped:
             continue
         step += 1
         evaluating = evaluator is not None and (step % config.eval_every == 0 or step == config.steps)
@@ -87,6 +91,8 @@ class WorkerRun:
     scheduler: object
     ema: EMAModel | None
     generator: torch.Generator
+    meter: ComputeMeter  # this worker's work since it started
+    metered_before: dict = field(default_factory=dict)  # all workers' totals at the restored checkpoint
     loss_config: LossConfig | None = None  # made on the first batch: FLUX's timestep shift needs its size
 
 
@@ -119,7 +125,9 @@ def setup(config: TrainConfig) -> WorkerRun:
     if ema is not None:
         ema.to(device=device, dtype=torch.float32)  # an EMA kept in bf16 would lose its small updates
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
-    return WorkerRun(config, rank, world, device, model, trainable, strategy, scheduler, ema, generator)
+    meter = ComputeMeter()
+    meter.watch(model.transformer)
+    return WorkerRun(config, rank, world, device, model, trainable, strategy, scheduler, ema, generator, meter)
 
 
 def restore(run: WorkerRun, console: StageProgress) -> int:
@@ -132,6 +140,7 @@ def restore(run: WorkerRun, console: StageProgress) -> int:
         if run.ema is not None:
             run.ema.load_state_dict(client_state["ema"])
             run.ema.to(device=run.device, dtype=torch.float32)
+        run.metered_before = client_state.get("meter") or {}
         rng_file = Path(directory) / f"rng-{run.rank}.pt"
         if rng_file.exists():  # absent when an elastic restart has more workers than before
             run.generator.set_state(torch.load(rng_file, weights_only=True))
@@ -154,6 +163,7 @@ def micro_step(run: WorkerRun, batch: GroupBatch, guard: "_NonFiniteGuard", wind
         return False
     guard.reset()
     run.strategy.backward(result.loss)
+    run.meter.backward(batch.latents.shape[0] * batch.latents.shape[1])
     window.add(result, batch)
     if not run.strategy.micro_step():
         return False
@@ -168,7 +178,7 @@ def evaluate(run: WorkerRun, evaluator: Evaluator, step: int, writer) -> dict:
     with run.strategy.full_parameters():
         if run.rank != 0:
             return {}
-        with _ema_weights(run.ema, run.trainable):
+        with _ema_weights(run.ema, run.trainable), run.meter.paused():
             run.model.transformer.eval()
             scores = evaluator(run.model)
             run.model.transformer.train()
@@ -178,6 +188,8 @@ def evaluate(run: WorkerRun, evaluator: Evaluator, step: int, writer) -> dict:
 
 
 def report(run: WorkerRun, metrics: dict, writer, console: StageProgress, checkpoint: bool) -> None:
+    metered = _metered(run)
+    metrics = {**metrics, **metered.metrics()}
     step = metrics["step"]
     if writer is not None:
         for name, value in metrics.items():
@@ -190,7 +202,8 @@ def report(run: WorkerRun, metrics: dict, writer, console: StageProgress, checkp
     # and its EMA in diffusers' format, ready to load with FluxPipeline.load_lora_weights.
     with tempfile.TemporaryDirectory() as directory:
         directory = Path(directory)
-        run.strategy.save(directory, {"step": step, "ema": run.ema.state_dict() if run.ema is not None else None})
+        run.strategy.save(directory, {"step": step, "ema": run.ema.state_dict() if run.ema is not None else None,
+                                      "meter": metered.as_dict()})
         torch.save(run.generator.get_state(), directory / f"rng-{run.rank}.pt")
         with run.strategy.full_parameters():
             if run.rank == 0:
@@ -237,6 +250,19 @@ def _batches(shard, config: TrainConfig, generator: torch.Generator, replay_limi
     while True:
         for table in kept if replay else epoch():
             yield group_batch(table.to_pylist(), config.k, generator)
+
+
+def _metered(run: WorkerRun) -> ComputeMeter:
+    """The meter's totals: every worker's counts summed, the stages' wall seconds those of the slowest worker (they
+    run in lockstep), on top of the totals of the attempts before the restored checkpoint."""
+    stages = sorted(run.meter.seconds)
+    counts = torch.tensor([run.meter.forward_passes, run.meter.reward_calls], dtype=torch.float64, device=run.device)
+    seconds = torch.tensor([run.meter.seconds[name] for name in stages], dtype=torch.float64, device=run.device)
+    if dist.is_initialized():
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    now = ComputeMeter(int(counts[0]), int(counts[1]), dict(zip(stages, seconds.tolist())))
+    return now.add(run.metered_before) if run.metered_before else now
 
 
 def _timestep_sampler(run: WorkerRun, batch: GroupBatch) -> TimestepSampler:
