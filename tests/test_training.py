@@ -124,6 +124,8 @@ def test_a_rerun_resumes_from_the_latest_checkpoint(groups, tmp_path):
     assert first.metrics["step"] == 4 and first.metrics["attempt_start_step"] == 0
     second = run_training(train_config(groups, tmp_path, name="resumed", steps=6, strategy="ddp"))
     assert second.metrics["step"] == 6 and second.metrics["attempt_start_step"] == 4
+    # The meter goes on from the checkpoint's totals: six steps' forwards, each step the same batch shape.
+    assert second.metrics["compute_forward_passes"] == first.metrics["compute_forward_passes"] * 6 // 4
 
 
 def ray_train_worker_processes():
