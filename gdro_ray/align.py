@@ -23,8 +23,8 @@ from gdro_ray.data.manifest import read_dataset_manifest
 from gdro_ray.evaluate import HeldOut, evaluate_lora
 from gdro_ray.generation import GenerationConfig, generate_groups, pending_prompts
 from gdro_ray.meter import ComputeMeter
-from gdro_ray.models import SamplerSettings, load_flow_model
-from gdro_ray.periodic_eval import SETTINGS_FILE, PeriodicEvaluator, build_eval_set, save_eval_set
+from gdro_ray.models import SamplerSettings
+from gdro_ray.periodic_eval import SETTINGS_FILE, PeriodicEvaluator, write_eval_sets
 from gdro_ray.plots import plot_evaluation_curve, plot_training_curves, read_scalars
 from gdro_ray.profiles import TASKS, JudgeSettings, profile_for, quality_judge
 from gdro_ray.resource_plan import (
@@ -35,18 +35,11 @@ from gdro_ray.train.trainer import run_training
 
 
 @dataclass
-class AlignSettings(JudgeSettings):
-    """What the align job adds to training: the dataset to generate and the evaluation to run."""
+class HeldOutSettings(JudgeSettings):
+    """How a recipe evaluates: the final evaluation's prompts and images, the curves' during training, the judge."""
 
-    out: str = option("", "run directory (default: runs/JOB-TASK)")
-    num_prompts: int = option(96, "training prompts (with --train-prompt-file, 0: all of the file's)")
-    train_prompt_file: str | None = option(None, "train on this file's prompts: Flow-GRPO's one-prompt-a-line "
-                                                 ".txt (ocr) or GenEval's .jsonl (geneval)")
     eval_prompt_file: str | None = option(None, "evaluate on this file's prompts, e.g. GenEval's 553 of "
                                                 "evaluation_metadata.jsonl or Flow-GRPO's OCR test.txt")
-    k_gen: int = option(8, "images generated per training prompt, training draws k of them (default: the "
-                           "model's own, 16 on FLUX as in the paper)")
-    sampler: SamplerSettings | None = option(None, "how to sample, dataset and evaluations (default: the model's)")
     # The final evaluation: its held-out prompts (as many as the set holds, up to this), and its images spread
     # evenly over them. Many prompts before many seeds: a LoRA's gain can differ between kinds of prompt (on
     # glyphs it is mostly on single letters), and the standard error of the paired change shrinks with images.
@@ -54,18 +47,40 @@ class AlignSettings(JudgeSettings):
     eval_images: int = option(384, "images of the final evaluation, spread evenly over its held-out prompts")
     train_eval_prompts: int = option(8, "held-out prompts evaluated every --eval-every steps during training")
     train_eval_images_per_prompt: int = option(4, "images per held-out prompt during training")
+
+    def __post_init__(self):
+        for name in ("eval_images", "train_eval_prompts", "train_eval_images_per_prompt"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_prompts < (0 if self.eval_prompt_file else 1):  # 0: all of the file's prompts
+            raise ValueError(f"eval_prompts must be >= 1 (0 with a prompt file: all of it), got {self.eval_prompts}")
+
+    def final_evaluation(self, held_out: HeldOut) -> dict:
+        """evaluate_lora's draw: its prompts, and its images spread evenly over them."""
+        prompts = len(held_out.prompts(self.eval_prompts or None))
+        return {"num_prompts": self.eval_prompts or None, "images_per_prompt": math.ceil(self.eval_images / prompts)}
+
+
+@dataclass
+class AlignSettings(HeldOutSettings):
+    """What the align job adds to training: the dataset to generate and the evaluation to run."""
+
+    out: str = option("", "run directory (default: runs/JOB-TASK)")
+    num_prompts: int = option(96, "training prompts (with --train-prompt-file, 0: all of the file's)")
+    train_prompt_file: str | None = option(None, "train on this file's prompts: Flow-GRPO's one-prompt-a-line "
+                                                 ".txt (ocr) or GenEval's .jsonl (geneval)")
+    k_gen: int = option(8, "images generated per training prompt, training draws k of them (default: the "
+                           "model's own, 16 on FLUX as in the paper)")
+    sampler: SamplerSettings | None = option(None, "how to sample, dataset and evaluations (default: the model's)")
     generation_actors: tuple[int, int] = option((1, 1), "MIN,MAX generation actors", pair_from_one=True)
     scoring_actors: tuple[int, int] = option((1, 1), "MIN,MAX scoring actors", pair_from_one=True)
     gpus_per_generator: float | None = option(None, "default: 1 if the cluster has GPUs, or declares it can get "
                                                     "them (GDRO_CLUSTER_MAX_RESOURCES, see cluster/README.md)")
 
     def __post_init__(self):
-        for name in ("k_gen", "eval_images", "train_eval_prompts", "train_eval_images_per_prompt"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name, file in (("num_prompts", self.train_prompt_file), ("eval_prompts", self.eval_prompt_file)):
-            if getattr(self, name) < (0 if file else 1):  # 0: all of the file's prompts
-                raise ValueError(f"{name} must be >= 1 (0 with a prompt file: all of it), got {getattr(self, name)}")
+        super().__post_init__()
+        if self.num_prompts < (0 if self.train_prompt_file else 1):  # 0: all of the file's prompts
+            raise ValueError(f"num_prompts must be >= 1 (0 with a prompt file: all of it), got {self.num_prompts}")
         if self.k_gen < 2:
             raise ValueError(f"k_gen (images per prompt) must be >= 2 to form a group, got {self.k_gen}")
 
@@ -105,12 +120,10 @@ def run_align(train: TrainConfig, settings: AlignSettings, log=print) -> dict:
     # The reward, sampler and prompt source the groups were made with (prompts: the evaluation file's, if given).
     held_out = HeldOut.of_dataset(train.data, settings.eval_prompt_file)
     judge = quality_judge(train.model, **settings.judge())
-    prompts = len(held_out.prompts(settings.eval_prompts or None))
-    with StageConsole(2 * prompts, "evaluate base, aligned", "prompt") as console:
-        summary = run_as_task(evaluation, evaluate_lora, held_out, lora, run / "eval", judge,
-                              num_prompts=settings.eval_prompts or None,
-                              images_per_prompt=math.ceil(settings.eval_images / prompts), progress=console.remote,
-                              log=log)
+    draw = settings.final_evaluation(held_out)
+    with StageConsole(2 * len(held_out.prompts(draw["num_prompts"])), "evaluate base, aligned", "prompt") as console:
+        summary = run_as_task(evaluation, evaluate_lora, held_out, lora, run / "eval", judge, **draw,
+                              progress=console.remote, log=log)
     pictures = [str(path) for path in (run / "eval" / "comparison.png", run / "training_curves.png",
                                        run / "eval_curve.png") if path.is_file()]
     summary = {**summary, "compute": method_compute(train.data, scalars), "pictures": pictures}
@@ -121,8 +134,7 @@ def run_align(train: TrainConfig, settings: AlignSettings, log=print) -> dict:
 def method_compute(data: str, scalars: dict) -> dict:
     """What the method cost (gdro_ray.meter): making and scoring the group dataset, training (the last report's
     totals), and both together. Evaluation is not counted."""
-    training = ComputeMeter.from_metrics({tag.removeprefix("train/"): values[-1] for tag, (_, values) in
-                                          scalars.items() if tag.startswith("train/compute_")})
+    training = ComputeMeter.reported(scalars)
     generation = read_dataset_manifest(data)["counts"].get("compute")
     total = training.add(generation) if generation else None
     return {"generation": generation, "training": training.as_dict(), "total": total.as_dict() if total else None}
@@ -140,8 +152,10 @@ def prepare_data(train: TrainConfig, settings: AlignSettings, run: Path, evaluat
     else:
         log(f"[align] groups: complete in {generation.out}, skipped")
     if train.eval_every and not (run / "eval_set" / SETTINGS_FILE).is_file():
-        run_as_task(evaluation, _write_eval_set, train, settings,
-                    HeldOut.of_dataset(generation.out, settings.eval_prompt_file), run / "eval_set", log=log)
+        held_out = HeldOut.of_dataset(generation.out, settings.eval_prompt_file)
+        run_as_task(evaluation, write_eval_sets, train.model, train.revision,
+                    [(held_out, settings.train_eval_prompts, settings.train_eval_images_per_prompt, run / "eval_set")],
+                    settings.judge(), log=log)
     return dataclasses.replace(train, data=generation.out, eval_set=str(run / "eval_set") if train.eval_every else "")
 
 
@@ -155,13 +169,6 @@ def generation_config(train: TrainConfig, settings: AlignSettings, run: Path) ->
         generation_actors=settings.generation_actors, scoring_actors=settings.scoring_actors,
         gpus_per_generator=settings.gpus_per_generator,
     )
-
-
-def _write_eval_set(train: TrainConfig, settings: AlignSettings, held_out: HeldOut, out: Path) -> None:
-    model = load_flow_model(profile_for(train.model).weights, device="cpu", revision=train.revision)
-    eval_set = build_eval_set(model, held_out, settings.train_eval_prompts, settings.train_eval_images_per_prompt,
-                              settings.judge())
-    save_eval_set(eval_set, out)
 
 
 def add_align_arguments(parser: argparse.ArgumentParser) -> None:

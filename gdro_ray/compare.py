@@ -17,7 +17,6 @@ objective, the setting and the training seed: the groups, the held-out prompts a
 
 import dataclasses
 import json
-import math
 import time
 import typing
 from dataclasses import dataclass
@@ -129,8 +128,8 @@ def run_compare(configs: dict[str, TrainConfig], align: AlignSettings, settings:
     shared = prepare_data(first, align, run, evaluation, log)
     held_out = HeldOut.of_dataset(shared.data, align.eval_prompt_file)
     judge = quality_judge(first.model, **align.judge())
-    prompts = len(held_out.prompts(align.eval_prompts or None))
-    draw = dict(num_prompts=align.eval_prompts or None, images_per_prompt=math.ceil(align.eval_images / prompts))
+    draw = align.final_evaluation(held_out)
+    prompts = len(held_out.prompts(draw["num_prompts"]))
     if not (run / "base" / "base.json").is_file():
         with StageConsole(prompts, "evaluate base", "prompt") as console:
             run_as_task(evaluation, evaluate_model, held_out, None, run / "base", "base", judge, **draw,

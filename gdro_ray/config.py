@@ -15,34 +15,26 @@ import yaml
 from gdro_ray.cli import add_dataclass_arguments, base_type, values_given
 from gdro_ray.flow import TIMESTEP_SAMPLERS
 from gdro_ray.objective import OBJECTIVES, REDUCTIONS
-from gdro_ray.profiles import DEFAULT_MODEL, preset_values, profile_for
+from gdro_ray.profiles import DEFAULT_MODEL, online_preset_values, preset_values, profile_for
 
 PRECISIONS = ("auto", "bf16", "fp32")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 STRATEGIES = ("deepspeed", "ddp")
+ONLINE_METHODS = ("flow-grpo",)
 
 
 @dataclass
-class TrainConfig:
-    # -- data and model
-    data: str = field(default="", metadata={"help": "group dataset directory (jobs/generate.py --out)"})
-    task: str = field(default="ocr", metadata={"help": "the task the dataset was made for (selects its preset)"})
+class RunConfig:
+    """What every training method shares: the model, the LoRA and its optimiser, the workers, the run's output and
+    its held-out evaluation. TrainConfig (offline, on a group dataset) and the online baseline's OnlineConfig add
+    their own."""
+
+    # -- task and model
+    task: str = field(default="ocr", metadata={"help": "the task (selects its preset)"})
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "'tiny', a diffusers FLUX directory, or a hub id"})
     revision: str | None = field(default=None, metadata={"help": "hub revision of --model"})
-    # -- the objective (GDRO: paper eq. 6 and the top-1 term)
-    objective: str = field(default="gdro", metadata={
-        "help": f"one of {OBJECTIVES}: GDRO, hard Plackett-Luce, Diffusion-DPO on each group's best and worst, "
-                "the top-1 member's flow-matching loss alone, DGPO (gdro_ray/objective.py)"})
-    k: int = field(default=6, metadata={"help": "group size drawn from each stored group of k_gen images"})
-    beta: float = field(default=12.0, metadata={"help": "implicit-reward scale, on the scale of --reduction"})
-    tau: float = field(default=0.05, metadata={"help": "temperature of the soft ranking targets softmax(r / tau)"})
-    gamma: float = field(default=0.5, metadata={"help": "weight of the top-1 velocity-regression stabiliser"})
-    reduction: str = field(default="mean", metadata={"help": f"velocity error over latent elements: {REDUCTIONS}"})
-    timesteps: str = field(default="logit_normal", metadata={"help": f"timestep sampler: {TIMESTEP_SAMPLERS}"})
     # -- optimisation
     steps: int = field(default=300, metadata={"help": "optimiser steps"})
-    groups_per_step: int = field(default=2, metadata={"help": "groups per worker per micro-batch"})
-    grad_accumulation: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
     lr_schedule: str = field(default="constant_with_warmup", metadata={"help": f"one of {LR_SCHEDULES}"})
     warmup_steps: int = field(default=10, metadata={"help": "learning-rate warm-up steps"})
@@ -53,7 +45,7 @@ class TrainConfig:
     ema_decay: float = field(default=0.99, metadata={"help": "EMA decay of the LoRA weights (0: no EMA)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     max_nonfinite_steps: int = field(default=5, metadata={"help": "stop after this many non-finite losses in a row"})
-    seed: int = field(default=0, metadata={"help": "seed of member draws, noise and timesteps"})
+    seed: int = field(default=0, metadata={"help": "seed of the run's draws: members, noise, timesteps, prompts"})
     # -- distributed
     strategy: str = field(default="deepspeed", metadata={"help": f"one of {STRATEGIES}; ddp all-reduces LoRA grads"})
     zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage (2 or 3)"})
@@ -62,7 +54,6 @@ class TrainConfig:
     max_workers: int | None = field(default=None, metadata={"help": "elastic: grow up to this many workers"})
     use_gpu: bool | None = field(default=None, metadata={"help": "default: when the cluster has or can get GPUs"})
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs each training worker asks Ray for"})
-    reader_cpus: float = field(default=0.25, metadata={"help": "CPUs of the Ray Data reader feeding the workers"})
     max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the last checkpoint"})
     # -- output
     storage_path: str = field(default="runs", metadata={"help": "where runs, checkpoints and logs go"})
@@ -74,20 +65,14 @@ class TrainConfig:
     eval_every: int = field(default=0, metadata={"help": "steps between held-out evaluations (0: none)"})
 
     def __post_init__(self):
-        positive = ("k", "steps", "groups_per_step", "grad_accumulation", "lora_rank", "num_workers",
-                    "checkpoint_every", "log_every", "max_nonfinite_steps")
+        positive = ("steps", "lora_rank", "num_workers", "checkpoint_every", "log_every", "max_nonfinite_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.k < 2:
-            raise ValueError(f"k must be >= 2 to rank a group, got {self.k}")
-        for name in ("beta", "tau", "lr", "cpus_per_worker", "reader_cpus"):
+        for name in ("lr", "cpus_per_worker"):
             if not getattr(self, name) > 0:  # also refuses NaN
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not self.gamma >= 0:
-            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
-        for name, allowed in (("objective", OBJECTIVES), ("reduction", REDUCTIONS), ("timesteps", TIMESTEP_SAMPLERS), ("precision", PRECISIONS),
-                              ("lr_schedule", LR_SCHEDULES), ("strategy", STRATEGIES)):
+        for name, allowed in (("precision", PRECISIONS), ("lr_schedule", LR_SCHEDULES), ("strategy", STRATEGIES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.eval_every < 0:
@@ -103,6 +88,106 @@ class TrainConfig:
     def run_directory(self) -> Path:
         return Path(self.storage_path).resolve() / self.name
 
+    @property
+    def micro_batch(self) -> int:
+        """What one backward sees, per worker (DeepSpeed's micro-batch size)."""
+        raise NotImplementedError
+
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches per optimiser step."""
+        raise NotImplementedError
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Offline training on a group dataset with one of the objectives."""
+
+    data: str = field(default="", metadata={"help": "group dataset directory (jobs/generate.py --out)"})
+    # -- the objective (GDRO: paper eq. 6 and the top-1 term)
+    objective: str = field(default="gdro", metadata={
+        "help": f"one of {OBJECTIVES}: GDRO, hard Plackett-Luce, Diffusion-DPO on each group's best and worst, "
+                "the top-1 member's flow-matching loss alone, DGPO (gdro_ray/objective.py)"})
+    k: int = field(default=6, metadata={"help": "group size drawn from each stored group of k_gen images"})
+    beta: float = field(default=12.0, metadata={"help": "implicit-reward scale, on the scale of --reduction"})
+    tau: float = field(default=0.05, metadata={"help": "temperature of the soft ranking targets softmax(r / tau)"})
+    gamma: float = field(default=0.5, metadata={"help": "weight of the top-1 velocity-regression stabiliser"})
+    reduction: str = field(default="mean", metadata={"help": f"velocity error over latent elements: {REDUCTIONS}"})
+    timesteps: str = field(default="logit_normal", metadata={"help": f"timestep sampler: {TIMESTEP_SAMPLERS}"})
+    groups_per_step: int = field(default=2, metadata={"help": "groups per worker per micro-batch"})
+    grad_accumulation: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
+    reader_cpus: float = field(default=0.25, metadata={"help": "CPUs of the Ray Data reader feeding the workers"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("k", "groups_per_step", "grad_accumulation"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.k < 2:
+            raise ValueError(f"k must be >= 2 to rank a group, got {self.k}")
+        for name in ("beta", "tau", "reader_cpus"):
+            if not getattr(self, name) > 0:  # also refuses NaN
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.gamma >= 0:
+            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+        for name, allowed in (("objective", OBJECTIVES), ("reduction", REDUCTIONS), ("timesteps", TIMESTEP_SAMPLERS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    @property
+    def micro_batch(self) -> int:
+        return self.groups_per_step
+
+    @property
+    def accumulation(self) -> int:
+        return self.grad_accumulation
+
+
+@dataclass
+class OnlineConfig(RunConfig):
+    """Flow-GRPO, online: each worker samples groups of its prompts with the current LoRA through the SDE sampler,
+    scores them and trains on the sampled transitions (gdro_ray.online)."""
+
+    method: str = field(default="flow-grpo", metadata={"help": f"the online method: {ONLINE_METHODS}"})
+    prompt_set: str = field(default="", metadata={"help": "encoded training prompts (gdro_ray.periodic_eval format)"})
+    images_per_prompt: int = field(default=8, metadata={"help": "images sampled per prompt: the group"})
+    prompts_per_step: int = field(default=2, metadata={"help": "prompts per worker per optimiser step"})
+    sample_steps: int = field(default=10, metadata={"help": "SDE sampler steps of a rollout"})
+    noise_level: float = field(default=0.7, metadata={"help": "the SDE's noise level a"})
+    train_fraction: float = field(default=0.99, metadata={"help": "share of each rollout's transitions trained on"})
+    clip_range: float = field(default=1e-4, metadata={"help": "PPO clip range of the policy ratio"})
+    kl_beta: float = field(default=0.04, metadata={"help": "weight of the KL penalty to the reference (0: off)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.method not in ONLINE_METHODS:
+            raise ValueError(f"method must be one of {ONLINE_METHODS}, got {self.method!r}")
+        for name in ("images_per_prompt", "prompts_per_step", "sample_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.images_per_prompt < 2:
+            raise ValueError(f"images_per_prompt must be >= 2 to compare images, got {self.images_per_prompt}")
+        for name in ("noise_level", "clip_range"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.train_fraction <= 1:
+            raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
+        if not self.kl_beta >= 0:
+            raise ValueError(f"kl_beta must be >= 0, got {self.kl_beta}")
+
+    @property
+    def trained_transitions(self) -> int:
+        """Transitions of each rollout trained on (Flow-GRPO: int(steps x fraction), at least one)."""
+        return max(1, int(self.sample_steps * self.train_fraction))
+
+    @property
+    def micro_batch(self) -> int:
+        return self.images_per_prompt  # one prompt's transitions at one step
+
+    @property
+    def accumulation(self) -> int:
+        return self.prompts_per_step * self.trained_transitions
+
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
@@ -114,36 +199,39 @@ def read_yaml(path: str | Path) -> dict:
     return values
 
 
-def build_config(values: dict) -> TrainConfig:
-    """A TrainConfig from plain values, each checked against its field's type."""
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+def build_config(values: dict, cls: type[RunConfig] = TrainConfig) -> RunConfig:
+    """A config of class cls from plain values, each checked against its field's type."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(f"unknown config fields {unknown}; known: {sorted(fields)}")
-    hints = typing.get_type_hints(TrainConfig)
-    return TrainConfig(**{name: _checked(name, value, hints[name]) for name, value in values.items()})
+    hints = typing.get_type_hints(cls)
+    return cls(**{name: _checked(name, value, hints[name]) for name, value in values.items()})
 
 
-def save_yaml(config: TrainConfig, path: str | Path) -> None:
+def save_yaml(config: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, plus --preset and --config; defaults stay unset (None)."""
+def add_arguments(parser: argparse.ArgumentParser, cls: type[RunConfig] = TrainConfig) -> None:
+    """One flag per field of cls, plus --preset and --config; defaults stay unset (None)."""
     parser.add_argument("--preset", default=None,
                         help="named settings per task: 'paper', 'tiny' (default: the model's own)")
     parser.add_argument("--config", default=None, help="a YAML file of field: value")
-    add_dataclass_arguments(parser, TrainConfig)
+    add_dataclass_arguments(parser, cls)
 
 
-def config_from_arguments(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < preset (default: the model's own, for the task and objective) < YAML < flags."""
-    flags = values_given(args, TrainConfig)
-    from_file = read_yaml(args.config) if args.config else {}
-    chosen = {name: flags.get(name, from_file.get(name, getattr(TrainConfig, name)))
-              for name in ("task", "model", "objective")}
-    preset = preset_values(args.preset or profile_for(chosen["model"]).preset, chosen["task"], chosen["objective"])
-    return build_config({**preset, **from_file, **flags})
+def config_from_arguments(args: argparse.Namespace, cls: type[RunConfig] = TrainConfig) -> RunConfig:
+    """Defaults < preset (default: the model's own, for the task, and the objective or method) < YAML < flags."""
+    flags = values_given(args, cls)
+    given = {**(read_yaml(args.config) if args.config else {}), **flags}
+    task, model = given.get("task", cls.task), given.get("model", cls.model)
+    preset = args.preset or profile_for(model).preset
+    if cls is OnlineConfig:
+        values = online_preset_values(preset, task)
+    else:
+        values = preset_values(preset, task, given.get("objective", TrainConfig.objective))
+    return build_config({**values, **given}, cls)
 
 
 def _checked(name: str, value, hint):

@@ -80,3 +80,9 @@ class ComputeMeter:
         return cls(int(metrics.get("compute_forward_passes", 0)), int(metrics.get("compute_reward_calls", 0)),
                    {name.removeprefix(prefix): float(value) for name, value in metrics.items()
                     if name.startswith(prefix)})
+
+    @classmethod
+    def reported(cls, scalars: dict) -> "ComputeMeter":
+        """The totals of a training run's last report, from its TensorBoard scalars (tag -> (steps, values))."""
+        return cls.from_metrics({tag.removeprefix("train/"): values[-1] for tag, (_, values) in scalars.items()
+                                 if tag.startswith("train/compute_")})

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from gdro_ray.data.prompts import PromptRecord
 from gdro_ray.evaluate import HeldOut, generate_images, heldout_seeds, score_images, summarise
-from gdro_ray.models import FlowModel, PromptEmbeddings, SamplerSettings
-from gdro_ray.profiles import quality_judge
+from gdro_ray.models import FlowModel, PromptEmbeddings, SamplerSettings, load_flow_model
+from gdro_ray.profiles import profile_for, quality_judge
 from gdro_ray.rewards import build_reward
 
 SETTINGS_FILE, EMBEDDINGS_FILE = "eval_set.json", "eval_embeddings.safetensors"
@@ -41,6 +41,15 @@ def build_eval_set(model: FlowModel, held_out: HeldOut, num_prompts: int, images
     unconditional = model.encode_prompts([""]).to("cpu") if held_out.sampler.cfg_scale > 1 else None
     return EvalSet(held_out, prompts, embeddings, heldout_seeds(len(prompts), images_per_prompt), unconditional,
                    judge or {})
+
+
+def write_eval_sets(model: str, revision: str | None, sets: list[tuple[HeldOut, int, int, Path]],
+                    judge: dict | None = None) -> None:
+    """Encode and save each (held_out, num_prompts, images_per_prompt, directory), loading the model's text encoders
+    once (on the CPU: a task of the evaluation plan runs this)."""
+    flow = load_flow_model(profile_for(model).weights, device="cpu", revision=revision)
+    for held_out, num_prompts, images_per_prompt, directory in sets:
+        save_eval_set(build_eval_set(flow, held_out, num_prompts, images_per_prompt, judge), directory)
 
 
 def save_eval_set(eval_set: EvalSet, directory: str | Path) -> None:

@@ -41,6 +41,12 @@ PAPER_PRESETS = {task: {**FROM_THE_PAPER[task], **OUR_FLUX_SCHEDULE[task]} for t
 # term. DGPO's configs set beta_dpo = 100 on the same mean; its KL penalty and PPO clipping belong to its online
 # loop (against the policy that sampled) and are left out offline.
 PAPER_OBJECTIVE_PRESETS = {"dpo": dict(beta=2500.0, gamma=0.0), "dgpo": dict(beta=100.0, gamma=0.0)}
+# The online baseline, from Flow-GRPO's published configs (config/base.py and config/grpo.py, its OCR and GenEval
+# runs): the SDE's noise level 0.7, 10 sampler steps a rollout trained on int(10 x 0.99) = 9, PPO clip 1e-4, KL
+# weight 0.04, lr 3e-4, LoRA rank 32 with alpha 64, groups of 16 (its 4-GPU configs; 24 on 8 GPUs). Steps: ours.
+FLOW_GRPO = dict(noise_level=0.7, sample_steps=10, train_fraction=0.99, clip_range=1e-4, kl_beta=0.04, lr=3e-4,
+                 lora_rank=32, lora_alpha=64.0)
+PAPER_ONLINE_PRESETS = {task: {**FLOW_GRPO, "images_per_prompt": 16, "steps": 1000} for task in TASKS}
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class ModelProfile:
     preset: str  # the name of its training presets
     presets: Mapping[str, dict]  # task -> TrainConfig values
     objective_presets: Mapping[str, dict]  # objective -> the values it changes in a task's preset
+    online_presets: Mapping[str, dict]  # task -> OnlineConfig values (the online baseline)
     images_per_prompt: int  # images generated a training prompt (k_gen): training draws k of them
     prompt_sets: Mapping[str, Callable[[int], Iterator[PromptRecord]]]  # task -> seed -> prompts
     rewards: Mapping[str, dict]  # task -> reward spec (gdro_ray.rewards.build_reward)
@@ -92,6 +99,7 @@ FLUX_PROFILE = ModelProfile(
     preset="paper",
     presets=PAPER_PRESETS,
     objective_presets=PAPER_OBJECTIVE_PRESETS,
+    online_presets=PAPER_ONLINE_PRESETS,
     images_per_prompt=PAPER_IMAGES_PER_PROMPT,
     prompt_sets=PROMPT_SETS,
     rewards={task: DEFAULT_SPECS[task] for task in TASKS},
@@ -113,6 +121,7 @@ def profile_for(model: str) -> ModelProfile:
         from gdro_ray.tiny_world import profile as tiny
 
         return ModelProfile(tiny.WEIGHTS, tiny.SAMPLER, tiny.PRESET, tiny.PRESETS, tiny.OBJECTIVE_PRESETS,
+                            {task: {**FLOW_GRPO, **values} for task, values in tiny.ONLINE_PRESETS.items()},
                             tiny.IMAGES_PER_PROMPT, tiny.PROMPT_SETS, tiny.REWARDS, tiny.quality_judge)
     check_model_source(model)
     return replace(FLUX_PROFILE, weights=model)
@@ -127,6 +136,17 @@ def preset_values(preset: str, task: str, objective: str = "gdro") -> dict:
     if task not in presets:
         raise ValueError(f"preset {preset!r} has no settings for task {task!r}; it has {sorted(presets)}")
     return {**presets[task], **profiles[preset].objective_presets.get(objective, {}), "objective": objective}
+
+
+def online_preset_values(preset: str, task: str) -> dict:
+    """The OnlineConfig values of a named preset ("paper", "tiny") for a task."""
+    profiles = {profile.preset: profile for profile in (FLUX_PROFILE, profile_for(DEFAULT_MODEL))}
+    if preset not in profiles:
+        raise ValueError(f"unknown preset {preset!r}; known: {sorted(profiles)}")
+    presets = profiles[preset].online_presets
+    if task not in presets:
+        raise ValueError(f"preset {preset!r} has no online settings for task {task!r}; it has {sorted(presets)}")
+    return dict(presets[task])
 
 
 @dataclass

@@ -125,11 +125,13 @@ def evaluation_plan(use_gpu: bool) -> StagePlan:
 
 
 def training_plan(config, use_gpu: bool) -> StagePlan:
-    """A TrainConfig's workers (the minimum of an elastic run) and its data reader."""
-    return StagePlan("training", (
-        Demand("training workers", config.num_workers, worker_resources(config, use_gpu)),
-        Demand("data reader", 1, {"CPU": config.reader_cpus}),
-    ), "--num-workers, --cpus-per-worker or --reader-cpus")
+    """A training config's workers (the minimum of an elastic run) and, offline, its data reader."""
+    workers = Demand("training workers", config.num_workers, worker_resources(config, use_gpu))
+    reader_cpus = getattr(config, "reader_cpus", None)  # online training reads no dataset
+    if reader_cpus is None:
+        return StagePlan("training", (workers,), "--num-workers or --cpus-per-worker")
+    return StagePlan("training", (workers, Demand("data reader", 1, {"CPU": reader_cpus})),
+                     "--num-workers, --cpus-per-worker or --reader-cpus")
 
 
 def sweep_plan(config, use_gpu: bool, trials: int) -> StagePlan:

@@ -28,6 +28,13 @@ PRESETS = {
 # Diffusion-DPO and DGPO have no fine-tuning term; their published betas belong to SD's latents, so they keep this
 # world's (gdro_ray/profiles.py says where the FLUX values come from).
 OBJECTIVE_PRESETS = {"dpo": dict(gamma=0.0), "dgpo": dict(gamma=0.0)}
+# The online baseline on this world: Flow-GRPO's settings (gdro_ray/profiles.py) with this world's LoRA, groups of
+# the offline datasets' size, 2 prompts a worker a step, and the workers and reports of the offline presets.
+ONLINE_PRESETS = {
+    task: dict(images_per_prompt=8, prompts_per_step=2, steps=100, lora_rank=16, lora_alpha=16.0,
+               checkpoint_every=25, eval_every=25, cpus_per_worker=0.75, log_every=5)
+    for task in ("ocr", "geneval")
+}
 # Ours: groups of 16 (the paper's size) over all the training prompts did worse here than 8 (docs/results.md).
 IMAGES_PER_PROMPT = 8
 PROMPT_SETS = {"ocr": glyphs_stream, "geneval": shapes_stream}

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from gdro_ray.config import TrainConfig
+from gdro_ray.config import RunConfig
 
 STATE_TAG = "state"
 
@@ -20,12 +20,12 @@ STATE_TAG = "state"
 class DeepSpeedStrategy:
     """ZeRO stage 2 (default) or 3, bf16 on GPUs; on CPUs it runs over gloo with a torch AdamW."""
 
-    def __init__(self, module, optimizer, scheduler, config: TrainConfig, bf16: bool):
+    def __init__(self, module, optimizer, scheduler, config: RunConfig, bf16: bool):
         import deepspeed
 
         ds_config = {
-            "train_micro_batch_size_per_gpu": config.groups_per_step,
-            "gradient_accumulation_steps": config.grad_accumulation,
+            "train_micro_batch_size_per_gpu": config.micro_batch,
+            "gradient_accumulation_steps": config.accumulation,
             "zero_optimization": {"stage": config.zero_stage},
             "bf16": {"enabled": bf16},
             "zero_allow_untested_optimizer": True,  # a torch AdamW: DeepSpeed's CPU Adam needs a compiler
@@ -70,10 +70,10 @@ class DeepSpeedStrategy:
 class DataParallelStrategy:
     """Each worker holds the whole model; LoRA gradients are averaged with one all-reduce per step."""
 
-    def __init__(self, module, optimizer, scheduler, config: TrainConfig):
+    def __init__(self, module, optimizer, scheduler, config: RunConfig):
         self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
         self.parameters = [p for p in module.parameters() if p.requires_grad]
-        self.accumulation, self.max_grad_norm = config.grad_accumulation, config.max_grad_norm
+        self.accumulation, self.max_grad_norm = config.accumulation, config.max_grad_norm
         self.micro_steps, self.last_norm = 0, float("nan")
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -18,7 +18,7 @@ import ray.train
 from ray.data import ExecutionOptions, ExecutionResources
 from ray.train.torch import TorchTrainer
 
-from gdro_ray.config import TrainConfig, save_yaml
+from gdro_ray.config import RunConfig, TrainConfig, save_yaml
 from gdro_ray.console import StageConsole
 from gdro_ray.data.shards import shard_paths
 from gdro_ray.resource_plan import cluster_ready_for, read_capacity, training_plan, uses_gpus, worker_resources
@@ -48,12 +48,20 @@ def run_training(config: TrainConfig, evaluator: Evaluator | None = None, callba
     (resource_plan.cluster_ready_for), unless told not to."""
     dataset, counts = group_dataset(config)
     log(f"[train] dataset {config.data}: {json.dumps(counts)}")
-    use_gpu = uses_gpus(config.use_gpu, read_capacity())
-    workers = config.num_workers if config.max_workers is None else (config.num_workers, config.max_workers)
     # Ray Data gets what the workers leave; capped at the reader's share, it never takes a CPU a worker was planned on.
     reader_limits = ExecutionOptions(resource_limits=ExecutionResources(cpu=config.reader_cpus))
+    return fit(train_worker, config, evaluator, callbacks, log, wait_for_cluster, console,
+               datasets={"train": dataset}, dataset_config=ray.train.DataConfig(execution_options=reader_limits))
+
+
+def fit(worker_loop, config: RunConfig, evaluator: Evaluator | None = None, callbacks: list | None = None, log=print,
+        wait_for_cluster: bool = True, console: bool = True, **trainer_options) -> ray.train.Result:
+    """Run worker_loop(values, evaluator, progress) on the run's workers with Ray Train (resuming config.name from
+    its latest checkpoint), then export its LoRA. trainer_options: the TorchTrainer's datasets, if any."""
+    use_gpu = uses_gpus(config.use_gpu, read_capacity())
+    workers = config.num_workers if config.max_workers is None else (config.num_workers, config.max_workers)
     progress = StageConsole(config.steps, "train", "step") if console else None
-    worker = functools.partial(train_worker, evaluator=evaluator if config.eval_every else None,
+    worker = functools.partial(worker_loop, evaluator=evaluator if config.eval_every else None,
                                progress=progress.remote if progress else None)
     trainer = TorchTrainer(
         worker,
@@ -67,8 +75,7 @@ def run_training(config: TrainConfig, evaluator: Evaluator | None = None, callba
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
         ),
-        datasets={"train": dataset},
-        dataset_config=ray.train.DataConfig(execution_options=reader_limits),
+        **trainer_options,
     )
     plan = training_plan(config, use_gpu)
     with cluster_ready_for(plan, log) if wait_for_cluster else contextlib.nullcontext(), \
@@ -78,7 +85,7 @@ def run_training(config: TrainConfig, evaluator: Evaluator | None = None, callba
     return result
 
 
-def export_lora(checkpoint: ray.train.Checkpoint, config: TrainConfig, out: Path | None = None) -> Path:
+def export_lora(checkpoint: ray.train.Checkpoint, config: RunConfig, out: Path | None = None) -> Path:
     """Copy the (EMA) LoRA out of a checkpoint, with the config used beside it (default: RUN/lora)."""
     out = out or config.run_directory / "lora"
     with checkpoint.as_directory() as directory:

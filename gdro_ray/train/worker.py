@@ -27,7 +27,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch.utils.tensorboard import SummaryWriter
 
-from gdro_ray.config import TrainConfig
+from gdro_ray.config import RunConfig, TrainConfig
 from gdro_ray.console import StageProgress, quiet_libraries
 from gdro_ray.flow import TimestepSampler
 from gdro_ray.meter import ComputeMeter
@@ -57,7 +57,7 @@ def train_worker(values: dict, evaluator: Evaluator | None = None, progress: Sta
     if evaluator is not None and step == 0:
         last_eval = evaluate(run, evaluator, 0, writer)
     batches = _batches(ray.train.get_dataset_shard("train"), config, run.generator)
-    guard, window = _NonFiniteGuard(config.max_nonfinite_steps), _Window(run.world)
+    guard, window = NonFiniteGuard(config.max_nonfinite_steps), _Window(run.world)
     while step < config.steps:
         with run.meter.stage("training"):
             stepped = micro_step(run, next(batches), guard, window, console, step)
@@ -81,7 +81,7 @@ def train_worker(values: dict, evaluator: Evaluator | None = None, progress: Sta
 class WorkerRun:
     """Everything one worker trains with."""
 
-    config: TrainConfig
+    config: RunConfig
     rank: int
     world: int
     device: torch.device
@@ -96,7 +96,7 @@ class WorkerRun:
     loss_config: LossConfig | None = None  # made on the first batch: FLUX's timestep shift needs its size
 
 
-def setup(config: TrainConfig) -> WorkerRun:
+def setup(config: RunConfig) -> WorkerRun:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -148,7 +148,7 @@ def restore(run: WorkerRun, console: StageProgress) -> int:
     return client_state["step"]
 
 
-def micro_step(run: WorkerRun, batch: GroupBatch, guard: "_NonFiniteGuard", window: "_Window",
+def micro_step(run: WorkerRun, batch: GroupBatch, guard: "NonFiniteGuard", window: "_Window",
                console: StageProgress, step: int) -> bool:
     """Forward and backward of one micro-batch; True when it completed an optimiser step."""
     if run.loss_config is None:
@@ -157,7 +157,7 @@ def micro_step(run: WorkerRun, batch: GroupBatch, guard: "_NonFiniteGuard", wind
                                      gamma=config.gamma, reduction=config.reduction,
                                      timesteps=_timestep_sampler(run, batch))
     result = group_batch_loss(run.model, batch, run.loss_config, run.generator)
-    if not _finite_everywhere(result.loss, run.device):
+    if not finite_everywhere(result.loss, run.device):
         guard.skip(step)
         console.message(f"step {step}: non-finite loss, micro-batch skipped ({guard.in_a_row} in a row)")
         return False
@@ -272,7 +272,7 @@ def _timestep_sampler(run: WorkerRun, batch: GroupBatch) -> TimestepSampler:
     return TimestepSampler(run.config.timesteps)
 
 
-def _finite_everywhere(loss: torch.Tensor, device: torch.device) -> bool:
+def finite_everywhere(loss: torch.Tensor, device: torch.device) -> bool:
     finite = torch.tensor([float(torch.isfinite(loss).item())], device=device)
     if dist.is_initialized():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -280,7 +280,7 @@ def _finite_everywhere(loss: torch.Tensor, device: torch.device) -> bool:
 
 
 @dataclass
-class _NonFiniteGuard:
+class NonFiniteGuard:
     """Counts skipped micro-batches; too many in a row stop the run."""
 
     limit: int
