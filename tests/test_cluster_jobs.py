@@ -118,6 +118,22 @@ def test_a_sweep_submitted_to_a_2_cpu_head_finishes(ray_head, tmp_path):
     assert (run / "best.yaml").is_file() and (run / "results.csv").read_text().count("\n") == 3
 
 
+def test_a_comparison_and_an_online_run_submitted_to_a_2_cpu_head_finish(ray_head, tmp_path):
+    compare, online = tmp_path / "compare", tmp_path / "online"
+    status, logs = submit_and_wait(ray_head, ["python", "jobs/compare.py", "--task", "ocr", "--out", str(compare),
+                                              "--methods", "dpo", "--seeds", "1", *SMALL_RUN, "--eval-prompts", "2",
+                                              "--eval-images", "4"], 600)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "| dpo | preset | 1 |" in (compare / "results.md").read_text()
+    status, logs = submit_and_wait(ray_head, ["python", "jobs/online.py", "--task", "ocr", "--out", str(online),
+                                              "--steps", "2", "--num-prompts", "4", "--images-per-prompt", "3",
+                                              "--sample-steps", "2", "--num-steps", "4", "--eval-every", "2",
+                                              "--train-eval-prompts", "2", "--eval-prompts", "2",
+                                              "--eval-images", "4"], 600)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert json.loads((online / "summary.json").read_text())["compute"]["total"]["forward_passes"] > 0
+
+
 def test_a_run_larger_than_the_head_fails_at_its_start_naming_what_is_missing(ray_head, tmp_path):
     started = time.monotonic()
     status, logs = submit_and_wait(ray_head, ["python", "jobs/align.py", "--task", "ocr", "--out", str(tmp_path),

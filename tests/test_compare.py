@@ -45,26 +45,30 @@ def test_the_table_gives_mean_and_standard_error_over_seeds():
 def test_a_small_comparison_shares_its_data_and_reads_finished_runs_back(local_ray, load_script, tmp_path, capsys):
     compare = load_script("jobs/compare.py")
     out = tmp_path / "compare"
-    rows = compare.main(["--task", "ocr", "--out", str(out), "--methods", "dgpo,sft", "--seeds", "1", *SMALL])
-    assert [(row["method"], row["setting"]) for row in rows] == [("dgpo", "preset"), ("sft", "preset")]
+    rows = compare.main(["--task", "ocr", "--out", str(out), "--methods", "dgpo", "--seeds", "1", *SMALL])
+    assert [(row["method"], row["setting"]) for row in rows] == [("dgpo", "preset")]
     for path in ("groups/manifest.json", "eval_set/eval_set.json", "base/base.json", "results.csv", "results.md",
-                 "curves.png", "runs/dgpo-seed0/eval/aligned.json", "runs/sft-seed0/train/lora/config.yaml"):
+                 "curves.png", "runs/dgpo-seed0/eval/aligned.json", "runs/dgpo-seed0/train/lora/config.yaml"):
         assert (out / path).is_file(), path
     assert "objective: dgpo" in (out / "runs/dgpo-seed0/train/lora/config.yaml").read_text()
-    base, lora = out / "base" / "base.json", out / "runs/sft-seed0/train/lora/pytorch_lora_weights.safetensors"
+    base, lora = out / "base" / "base.json", out / "runs/dgpo-seed0/train/lora/pytorch_lora_weights.safetensors"
     written = {path: path.stat().st_mtime_ns for path in (base, lora)}
     capsys.readouterr()
 
-    # A second command into the same directory: sft's finished run is read back, its k=2 variation added.
-    rows = compare.main(["--task", "ocr", "--out", str(out), "--methods", "sft", "--seeds", "1", "--grid", "k=2",
+    # A second command into the same directory: the finished run is read back, its k=2 variation added.
+    rows = compare.main(["--task", "ocr", "--out", str(out), "--methods", "dgpo", "--seeds", "1", "--grid", "k=2",
                          *SMALL])
     log = capsys.readouterr().out
-    assert "groups: complete" in log and "run 1/2" not in log and "run 2/2: sft-k2-seed0" in log
+    assert "groups: complete" in log and "run 1/2" not in log and "run 2/2: dgpo-k2-seed0" in log
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in written.items())
-    assert [row["label"] for row in rows] == ["dgpo", "sft", "sft-k2"]  # earlier runs stay in the results
+    assert [row["label"] for row in rows] == ["dgpo", "dgpo-k2"]
     with open(out / "results.csv") as handle:
-        assert [row["k"] for row in csv.DictReader(handle)] == ["3", "3", "2"]
-    assert (out / "curves-sft.png").is_file() and "| sft | k=2 | 1 |" in (out / "results.md").read_text()
+        assert [row["k"] for row in csv.DictReader(handle)] == ["3", "2"]
+    assert (out / "curves-dgpo.png").is_file() and "| dgpo | k=2 | 1 |" in (out / "results.md").read_text()
+
+    # A command with another method adds its runs to the same tables; earlier runs stay.
+    rows = compare.main(["--task", "ocr", "--out", str(out), "--methods", "sft", "--seeds", "1", *SMALL])
+    assert [row["label"] for row in rows] == ["dgpo", "dgpo-k2", "sft"]
 
 
 def test_objective_is_refused_in_favour_of_methods(load_script, capsys):
