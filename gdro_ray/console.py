@@ -18,8 +18,9 @@ LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "deepspeed", "Dee
 # Environment of every Ray worker: the libraries read it when they load, before any of our code runs.
 QUIET_ENVIRONMENT = {"RAY_DATA_LOG_LEVEL": "ERROR", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
                      "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-SHOWN_METRICS = {"loss": "loss", "top1_agreement": "top1", "eval_reward": "eval reward",
-                 "eval_geneval": "eval GenEval", "eval_corrected": "eval corrected", "samples_per_second": "samples/s"}
+SHOWN_METRICS = {"loss": "loss", "top1_agreement": "top1", "rollout_reward": "rollout reward",
+                 "eval_reward": "eval reward", "eval_geneval": "eval GenEval", "eval_corrected": "eval corrected",
+                 "samples_per_second": "samples/s"}
 
 
 def is_verbose() -> bool:
