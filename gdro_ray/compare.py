@@ -6,7 +6,9 @@ dataset and ONE evaluation, made once as the align job makes them.
     RUN/runs/LABEL-seedS/train/         a run's training (tensorboard, checkpoints, lora/)
     RUN/runs/LABEL-seedS/eval/          its final evaluation (aligned.json), paired with the base's
     RUN/runs/LABEL-seedS/result.json    its row of results.csv: a finished run is read back, never run again
-    RUN/results.csv                     one row per finished run, of this command and of earlier ones into RUN
+    RUN/results.csv                     one row per finished run, of this command and of earlier ones into RUN,
+                                        with its training's forward passes (gdro_ray.meter); the shared dataset's
+                                        cost is in RUN/groups/manifest.json
     RUN/results.md                      mean and standard error over seeds per method and setting
     RUN/curves.png                      held-out reward and corrected score over training steps, mean over seeds,
                                         per method at its preset; curves-METHOD.png: a method's varied settings
@@ -30,6 +32,7 @@ from gdro_ray.evaluate import (
     HeldOut, evaluation_draw, mean_and_standard_error, paired_change, read_scores, sample_and_score, summarise,
     write_csv, write_results,
 )
+from gdro_ray.meter import ComputeMeter
 from gdro_ray.models import load_flow_model
 from gdro_ray.objective import OBJECTIVES
 from gdro_ray.periodic_eval import PeriodicEvaluator
@@ -151,7 +154,8 @@ def run_compare(configs: dict[str, TrainConfig], align: AlignSettings, settings:
             summary = run_as_task(evaluation, evaluate_model, held_out, lora, directory / "eval", "aligned", judge,
                                   **draw, progress=console.remote, log=log)
         change = paired_change(read_scores(run / "base", "base"), read_scores(directory / "eval", "aligned"))
-        row = _row(spec, config, summary, change, json.loads(timing.read_text()))
+        meter = ComputeMeter.reported(read_scalars(config.run_directory / "tensorboard"))
+        row = _row(spec, config, summary, change, json.loads(timing.read_text()), meter.forward_passes)
         (directory / "result.json").write_text(json.dumps(row, indent=1))
         log(f"[compare] {spec.name}: reward {row['reward']:.3f} (base {base['reward']:.3f}, change "
             f"{row['reward_change']:+.3f} +- {row['reward_change_se']:.3f}), corrected {row['corrected']:.3f} "
@@ -202,13 +206,14 @@ def run_config(configs: dict[str, TrainConfig], spec: RunSpec) -> TrainConfig:
     return dataclasses.replace(configs[spec.method], **values)
 
 
-def _row(spec: RunSpec, config: TrainConfig, summary: dict, change: dict, train_seconds: float) -> dict:
+def _row(spec: RunSpec, config: TrainConfig, summary: dict, change: dict, train_seconds: float,
+         train_forward_passes: int) -> dict:
     return {"method": spec.method, "setting": spec.setting, "label": spec.label, "seed": spec.seed,
             "k": config.k, "beta": config.beta, "tau": config.tau, "gamma": config.gamma, "lr": config.lr,
             "reward": summary["reward"], "quality": summary["quality"], "corrected": summary["corrected"],
             "reward_change": change["reward"]["mean"], "reward_change_se": change["reward"]["standard_error"],
             "geneval": summary.get("geneval", {}).get("overall"), "steps": config.steps,
-            "train_seconds": round(train_seconds, 1)}
+            "train_seconds": round(train_seconds, 1), "train_forward_passes": train_forward_passes}
 
 
 def results_table(rows: list[dict], base: dict) -> str:

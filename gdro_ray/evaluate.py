@@ -208,9 +208,9 @@ def write_results(directory: str | Path, name: str, scores: list[ImageScore], su
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:
-    """Rows of the same keys as a CSV file with a header."""
+    """Rows as a CSV file with a header of every key, in the order first seen (a row without one leaves it empty)."""
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
         writer.writeheader()
         writer.writerows(rows)
 

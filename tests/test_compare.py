@@ -63,7 +63,10 @@ def test_a_small_comparison_shares_its_data_and_reads_finished_runs_back(local_r
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in written.items())
     assert [row["label"] for row in rows] == ["dgpo", "dgpo-k2"]
     with open(out / "results.csv") as handle:
-        assert [row["k"] for row in csv.DictReader(handle)] == ["3", "2"]
+        table = list(csv.DictReader(handle))
+    assert [row["k"] for row in table] == ["3", "2"]
+    # 4 steps of 1 worker x 2 groups x k members, each a policy forward, a reference forward and a backward
+    assert [int(row["train_forward_passes"]) for row in table] == [4 * 2 * 3 * 4, 4 * 2 * 2 * 4]
     assert (out / "curves-dgpo.png").is_file() and "| dgpo | k=2 | 1 |" in (out / "results.md").read_text()
 
     # A command with another method adds its runs to the same tables; earlier runs stay.
