@@ -62,6 +62,24 @@ def plot_curves_by_label(curves: dict[str, dict[str, tuple[list[int], list[float
     return _save(figure, out)
 
 
+def plot_compute_curves(curves: dict[str, tuple[list, list, dict[str, list]]], out: str | Path,
+                        title: str = "") -> Path:
+    """Held-out scores (rows) against forward passes and seconds (columns), one line per method:
+    method -> (forward passes, seconds, {score name: values})."""
+    scores = list(next(iter(curves.values()))[2])
+    figure, axes = plt.subplots(len(scores), 2, figsize=(10, 3.3 * len(scores)), squeeze=False)
+    for row, score in enumerate(scores):
+        for column, unit in enumerate(("transformer forward passes", "wall seconds")):
+            axis = axes[row][column]
+            for name, (forwards, seconds, values) in curves.items():
+                axis.plot((forwards, seconds)[column], values[score], marker="o", label=name)
+            axis.set(xlabel=unit, ylabel=f"held-out {score}")
+    axes[0][0].legend()
+    if title:
+        figure.suptitle(title)
+    return _save(figure, out)
+
+
 def _save(figure, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from gdro_ray.compute_report import ComputeCurve, compute_report
 from gdro_ray.plots import read_scalars
 
 SMALL = ["--num-prompts", "8", "--k-gen", "4", "--num-steps", "4", "--steps", "4", "--k", "3",
@@ -33,6 +34,11 @@ def test_a_small_align_run_fills_its_run_directory_and_a_rerun_skips_every_stage
     assert compute["generation"]["reward_calls"] == groups * 4
     assert compute["training"]["forward_passes"] == 4 * 2 * 3 * 4 and compute["training"]["seconds"]["training"] > 0
     assert compute["total"]["forward_passes"] == groups * 16 + 96
+    # Against compute: the dataset's cost comes before step 0; the report sets a method against another.
+    curve = ComputeCurve.of_run(run)
+    assert curve.steps == [0, 2, 4] and curve.forward_passes == [groups * 16, groups * 16 + 48, groups * 16 + 96]
+    report = compute_report({"gdro": [run], "again": [run]}, tmp_path / "compute")
+    assert "gdro reached again's last held-out reward" in report and (tmp_path / "compute" / "compute.png").is_file()
     for name in ("base", "aligned"):
         assert summary[name]["images"] == 4 and 1.0 <= summary[name]["quality"] <= 5.0
     assert json.loads((run / "summary.json").read_text())["aligned"] == summary["aligned"]

@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 
+from gdro_ray.compute_report import ComputeCurve
 from gdro_ray.plots import read_scalars
 
 SMALL = ["--num-prompts", "4", "--images-per-prompt", "4", "--prompts-per-step", "2", "--sample-steps", "3",
@@ -36,6 +37,8 @@ def test_a_small_online_run_meters_its_work_and_resumes(local_ray, online_job, t
     assert scalars["train/clipped"][1][0] == 0.0 and scalars["train/kl"][1][0] == 0.0
     assert scalars["train/kl"][1][1] > 0  # the LoRA moved after one optimiser step
     assert "eval/reward" in scalars and "train/rollout_reward" in scalars
+    curve = ComputeCurve.of_run(run)  # held-out scores at the evaluation steps, with the compute spent by then
+    assert curve.steps == [0, 2] and curve.forward_passes == [0, compute["forward_passes"]]
     capsys.readouterr()
 
     # As if stopped after the checkpoint of step 2 and asked for one more step: training resumes from it.
