@@ -43,7 +43,7 @@ def online_worker(values: dict, evaluator: Evaluator | None = None, progress: St
     reward.load()
     guard = NonFiniteGuard(config.max_nonfinite_steps)
     while step < config.steps:
-        picked = draw_prompts(config, step, run.rank, run.world, len(prompts.prompts))
+        picked = draw_prompts(config, step, run.rank, len(prompts.prompts))
         with run.meter.stage("generation"):
             rollouts = [sde_rollout(run.model, prompts.embeddings.select([index]),
                                     image_seeds(config, step, run.rank, index), prompts.held_out.sampler,
@@ -68,7 +68,7 @@ def online_worker(values: dict, evaluator: Evaluator | None = None, progress: St
         writer.close()
 
 
-def draw_prompts(config: OnlineConfig, step: int, rank: int, world: int, available: int) -> list[int]:
+def draw_prompts(config: OnlineConfig, step: int, rank: int, available: int) -> list[int]:
     """The prompt indices of a worker's step: each step a fresh shuffle of the set, cut into the workers' shares
     (a set smaller than a step's share is drawn from again)."""
     order = torch.randperm(available, generator=torch.Generator().manual_seed(config.seed * 1_000_003 + step))
@@ -77,7 +77,7 @@ def draw_prompts(config: OnlineConfig, step: int, rank: int, world: int, availab
 
 
 def image_seeds(config: OnlineConfig, step: int, rank: int, index: int) -> list[int]:
-    """Seeds no other image of the run shares: by run seed, step, worker and the prompt's place in its share."""
+    """Seeds no other image of the run shares (sets under 1,013 prompts): by run seed, step, worker and prompt."""
     first = (((config.seed * 100_003 + step) * 1_009 + rank) * 1_013 + index) * config.images_per_prompt
     return [first + i for i in range(config.images_per_prompt)]
 
