@@ -112,6 +112,7 @@ class TrainConfig(RunConfig):
     beta: float = field(default=12.0, metadata={"help": "implicit-reward scale, on the scale of --reduction"})
     tau: float = field(default=0.05, metadata={"help": "temperature of the soft ranking targets softmax(r / tau)"})
     gamma: float = field(default=0.5, metadata={"help": "weight of the top-1 velocity-regression stabiliser"})
+    kl: float = field(default=0.0, metadata={"help": "weight of the velocity distance to the reference (DGPO's KL)"})
     reduction: str = field(default="mean", metadata={"help": f"velocity error over latent elements: {REDUCTIONS}"})
     timesteps: str = field(default="logit_normal", metadata={"help": f"timestep sampler: {TIMESTEP_SAMPLERS}"})
     groups_per_step: int = field(default=2, metadata={"help": "groups per worker per micro-batch"})
@@ -128,8 +129,11 @@ class TrainConfig(RunConfig):
         for name in ("beta", "tau", "reader_cpus"):
             if not getattr(self, name) > 0:  # also refuses NaN
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not self.gamma >= 0:
-            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+        for name in ("gamma", "kl"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.objective == "sft" and self.kl > 0:
+            raise ValueError("the sft objective runs no reference, so it takes no kl term: set kl to 0")
         for name, allowed in (("objective", OBJECTIVES), ("reduction", REDUCTIONS), ("timesteps", TIMESTEP_SAMPLERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

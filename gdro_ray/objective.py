@@ -15,6 +15,7 @@ Equations follow the GDRO paper (CVPR 2026): with rewards sorted r_1 >= ... >= r
                                          (DGPO, Luo et al. ICLR 2026: the positives, A > 0, preferred as a group
                                           to the negatives, each member weighted by its advantage)
     L_reg  = ||v - v_theta||^2 on the top-1 member only           (GDRO's stabiliser)
+    L_KL   = ||v_theta - v_ref||^2 over each group's members         (DGPO's KL term to the reference)
 
 GROUP_LOSSES names each group loss; OBJECTIVES adds "sft", which is L_reg alone (rejection-sampling fine-tuning
 on each group's best member, RAFT-style) and needs no implicit rewards.
@@ -133,6 +134,13 @@ def top1_regulariser(policy_errors: torch.Tensor, rewards: torch.Tensor, mask: t
     """The policy's velocity error on each group's highest-reward member (B,)."""
     top = rank_by_reward(rewards, mask)[:, :1]
     return policy_errors.gather(-1, top).squeeze(-1)
+
+
+def reference_regulariser(distances: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean over each group's members (B,) of their velocity distance to the reference (B, k)."""
+    if mask is None:
+        return distances.mean(-1)
+    return distances.masked_fill(~mask, 0.0).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
 def _checked_group(rewards: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,9 +38,10 @@ PAPER_PRESETS = {task: {**FROM_THE_PAPER[task], **OUR_FLUX_SCHEDULE[task]} for t
 # The other objectives change the GDRO preset where their sources say so. "pl" is the paper's rank-loss ablation
 # (only the loss changes) and "sft" uses neither beta nor gamma. Diffusion-DPO (Wallace et al., CVPR 2024) scales
 # the mean velocity-error difference by beta_dpo / 2 with beta_dpo = 5000, so 2500 here, and has no fine-tuning
-# term. DGPO's configs set beta_dpo = 100 on the same mean; its KL penalty and PPO clipping belong to its online
-# loop (against the policy that sampled) and are left out offline.
-PAPER_OBJECTIVE_PRESETS = {"dpo": dict(beta=2500.0, gamma=0.0), "dgpo": dict(beta=100.0, gamma=0.0)}
+# term. DGPO's configs (config/dgpo.py, its OCR and GenEval runs) set beta_dpo = 100 on the same mean and weigh
+# its KL to the reference, ||v_theta - v_ref||^2, by 0.02; its PPO clipping against the policy that sampled
+# belongs to its online loop and is left out offline.
+PAPER_OBJECTIVE_PRESETS = {"dpo": dict(beta=2500.0, gamma=0.0), "dgpo": dict(beta=100.0, gamma=0.0, kl=0.02)}
 # The online baseline, from Flow-GRPO's published configs (config/base.py and config/grpo.py, its OCR and GenEval
 # runs): the SDE's noise level 0.7, 10 sampler steps a rollout trained on int(10 x 0.99) = 9, PPO clip 1e-4, KL
 # weight 0.04, lr 3e-4, LoRA rank 32 with alpha 64, groups of 16 (its 4-GPU configs; 24 on 8 GPUs). Steps: ours.

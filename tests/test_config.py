@@ -35,9 +35,10 @@ def test_paper_presets_are_the_papers_numbers():
 def test_each_objective_changes_the_preset_where_its_source_says(tmp_path):
     dpo = parse(["--preset", "paper", "--task", "ocr", "--objective", "dpo"])
     assert (dpo.objective, dpo.beta, dpo.gamma, dpo.k) == ("dpo", 2500.0, 0.0, 6)  # Diffusion-DPO's beta_dpo / 2
-    assert parse(["--preset", "paper", "--task", "geneval", "--objective", "dgpo"]).beta == 100.0
+    dgpo = parse(["--preset", "paper", "--task", "geneval", "--objective", "dgpo"])
+    assert (dgpo.beta, dgpo.gamma, dgpo.kl) == (100.0, 0.0, 0.02)  # DGPO's beta_dpo and KL weight
     tiny = parse(["--task", "geneval", "--objective", "dgpo"])
-    assert (tiny.beta, tiny.gamma) == (preset_values("tiny", "geneval")["beta"], 0.0)  # the world's beta
+    assert (tiny.beta, tiny.gamma, tiny.kl) == (preset_values("tiny", "geneval")["beta"], 0.0, 0.02)  # the world's beta
     assert parse(["--task", "ocr", "--objective", "pl"]).gamma == preset_values("tiny", "ocr")["gamma"]
     assert parse(["--task", "ocr", "--objective", "dpo", "--gamma", "0.3"]).gamma == 0.3  # flags still win
     path = tmp_path / "run.yaml"
@@ -73,6 +74,8 @@ def test_config_round_trips_and_refuses_bad_values(tmp_path):
         TrainConfig(gamma=-1.0)
     with pytest.raises(ValueError, match="objective must be one of"):
         TrainConfig(objective="ppo")
+    with pytest.raises(ValueError, match="sft objective runs no reference"):
+        TrainConfig(objective="sft", kl=0.1)
     with pytest.raises(FileNotFoundError, match="neither a diffusers pipeline directory nor a hub id"):
         parse(["--model", str(tmp_path / "no-such-model")])
     with pytest.raises(FileNotFoundError, match="missing.yaml"):

@@ -16,6 +16,7 @@ from gdro_ray.objective import (
     implicit_reward,
     plackett_luce_loss,
     rank_by_reward,
+    reference_regulariser,
     top1_regulariser,
     velocity_error,
 )
@@ -134,6 +135,13 @@ def test_hand_worked_dgpo_value_and_direction():
     dgpo_loss(free, rewards).sum().backward()
     above = rewards > rewards.mean(-1, keepdim=True)
     assert (free.grad[above] < 0).all() and (free.grad[~above] > 0).all()
+
+
+def test_the_reference_regulariser_averages_each_groups_members():
+    distances = torch.tensor([[1.0, 2.0, 3.0], [4.0, 8.0, 100.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    assert reference_regulariser(distances, mask).tolist() == [2.0, 6.0]
+    assert reference_regulariser(distances).tolist() == pytest.approx([2.0, 112 / 3])
 
 
 def test_autograd_matches_finite_differences():

@@ -60,6 +60,22 @@ def test_sft_is_the_best_members_flow_matching_loss_without_a_reference(tiny_flu
     torch.testing.assert_close(result.loss, velocity_error(prediction, target.flatten(0, 1)).mean())
 
 
+def test_the_kl_term_is_zero_at_the_reference_and_adds_its_weighted_distance_after(tiny_flux):
+    tiny_flux.add_lora(LoraSpec(rank=4, alpha=4))
+    batch = group_batch(tiny_flux)
+
+    def loss(kl):
+        config = LossConfig(objective="dgpo", gamma=0.0, kl=kl)
+        return group_batch_loss(tiny_flux, batch, config, torch.Generator().manual_seed(4)).loss
+
+    assert loss(0.5).item() == pytest.approx(loss(0.0).item())  # a fresh LoRA is the reference
+    with torch.no_grad():
+        for parameter in tiny_flux.trainable_parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    extra = loss(0.5) - loss(0.0)
+    assert extra.item() > 0 and (loss(1.0) - loss(0.0)).item() == pytest.approx(2 * extra.item(), rel=1e-3)
+
+
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_padded_members_do_not_touch_the_loss(tiny_flux, objective):
     tiny_flux.add_lora(LoraSpec(rank=4, alpha=4))
@@ -80,7 +96,7 @@ def test_padded_members_do_not_touch_the_loss(tiny_flux, objective):
 
 
 @pytest.mark.parametrize("field, value", [("beta", 0.0), ("tau", -0.1), ("gamma", -1.0), ("reduction", "max"),
-                                          ("objective", "ppo")])
+                                          ("objective", "ppo"), ("kl", -0.1)])
 def test_loss_config_refuses_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         LossConfig(**{field: value})

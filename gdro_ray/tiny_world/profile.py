@@ -25,9 +25,9 @@ PRESETS = {
                groups_per_step=4, checkpoint_every=100, eval_every=100, cpus_per_worker=0.75, log_every=10)
     for task, beta, gamma in (("ocr", 10.0, 0.5), ("geneval", 6.0, 1.0))
 }
-# Diffusion-DPO and DGPO have no fine-tuning term; their published betas belong to SD's latents, so they keep this
-# world's (gdro_ray/profiles.py says where the FLUX values come from).
-OBJECTIVE_PRESETS = {"dpo": dict(gamma=0.0), "dgpo": dict(gamma=0.0)}
+# Diffusion-DPO and DGPO have no fine-tuning term, DGPO weighs its KL to the reference by 0.02; their published
+# betas belong to SD's latents, so they keep this world's (gdro_ray/profiles.py says where the values come from).
+OBJECTIVE_PRESETS = {"dpo": dict(gamma=0.0), "dgpo": dict(gamma=0.0, kl=0.02)}
 # The online baseline on this world: Flow-GRPO's settings (gdro_ray/profiles.py) with this world's LoRA, groups of
 # the offline datasets' size, 2 prompts a worker a step, and the workers and reports of the offline presets.
 ONLINE_PRESETS = {

@@ -2,7 +2,7 @@
 
     x_t = (1 - t) x0 + t eps with one (t, eps) per group      (gdro_ray.flow)
     s   = -beta (||v - v_theta||^2 - ||v - v_ref||^2)          v_ref: the LoRA disabled, no grad
-    L   = L_group(s, r) + gamma * ||v - v_theta||^2 on each group's top-1 member
+    L   = L_group(s, r) + gamma * ||v - v_theta||^2 on each group's top-1 member + kl * ||v_theta - v_ref||^2
 
 L_group is the objective's: GDRO's soft Plackett-Luce (tau), the hard one, Diffusion-DPO on the best and worst
 member, or DGPO. The objective "sft" is the top-1 term alone at weight 1: no reference pass, no implicit rewards.
@@ -15,7 +15,9 @@ import torch
 
 from gdro_ray.flow import TimestepSampler, noise_groups, sample_group_noise
 from gdro_ray.models.base import FlowModel, PromptEmbeddings, SamplerSettings
-from gdro_ray.objective import OBJECTIVES, REDUCTIONS, group_loss, implicit_reward, top1_regulariser, velocity_error
+from gdro_ray.objective import (
+    OBJECTIVES, REDUCTIONS, group_loss, implicit_reward, reference_regulariser, top1_regulariser, velocity_error,
+)
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class LossConfig:
     beta: float = 12.0
     tau: float = 0.05
     gamma: float = 0.5
+    kl: float = 0.0
     reduction: str = "mean"
     timesteps: TimestepSampler = field(default_factory=TimestepSampler)
 
@@ -35,8 +38,11 @@ class LossConfig:
         for name in ("beta", "tau"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+        for name in ("gamma", "kl"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.objective == "sft" and self.kl > 0:
+            raise ValueError("the sft objective runs no reference, so it takes no kl term: set kl to 0")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.reduction not in REDUCTIONS:
@@ -90,5 +96,9 @@ def group_batch_loss(
     reference_error = velocity_error(reference, target, config.reduction).view(groups, k)
     scores = implicit_reward(policy_error, reference_error, config.beta)
     ranking = group_loss(config.objective, scores, rewards, config.tau, mask)
-    loss = (ranking + config.gamma * top1).mean()
+    loss = ranking + config.gamma * top1
+    if config.kl > 0:
+        distance = velocity_error(policy, reference.to(policy.dtype), config.reduction).view(groups, k)
+        loss = loss + config.kl * reference_regulariser(distance, mask)
+    loss = loss.mean()
     return BatchLoss(loss, ranking.mean().detach(), top1.mean().detach(), scores.detach())

@@ -154,7 +154,7 @@ def micro_step(run: WorkerRun, batch: GroupBatch, guard: "NonFiniteGuard", windo
     if run.loss_config is None:
         config = run.config
         run.loss_config = LossConfig(objective=config.objective, beta=config.beta, tau=config.tau,
-                                     gamma=config.gamma, reduction=config.reduction,
+                                     gamma=config.gamma, kl=config.kl, reduction=config.reduction,
                                      timesteps=_timestep_sampler(run, batch))
     result = group_batch_loss(run.model, batch, run.loss_config, run.generator)
     if not finite_everywhere(result.loss, run.device):
