@@ -130,23 +130,26 @@ def profile_for(model: str) -> ModelProfile:
 
 def preset_values(preset: str, task: str, objective: str = "gdro") -> dict:
     """The TrainConfig values of a named preset ("paper", "tiny") for a task and an objective."""
-    profiles = {profile.preset: profile for profile in (FLUX_PROFILE, profile_for(DEFAULT_MODEL))}
-    if preset not in profiles:
-        raise ValueError(f"unknown preset {preset!r}; known: {sorted(profiles)}")
-    presets = profiles[preset].presets
-    if task not in presets:
-        raise ValueError(f"preset {preset!r} has no settings for task {task!r}; it has {sorted(presets)}")
-    return {**presets[task], **profiles[preset].objective_presets.get(objective, {}), "objective": objective}
+    profile = _preset_profile(preset)
+    return {**_task_values(preset, profile.presets, task), **profile.objective_presets.get(objective, {}),
+            "objective": objective}
 
 
 def online_preset_values(preset: str, task: str) -> dict:
     """The OnlineConfig values of a named preset ("paper", "tiny") for a task."""
+    return _task_values(preset, _preset_profile(preset).online_presets, task)
+
+
+def _preset_profile(preset: str) -> ModelProfile:
     profiles = {profile.preset: profile for profile in (FLUX_PROFILE, profile_for(DEFAULT_MODEL))}
     if preset not in profiles:
         raise ValueError(f"unknown preset {preset!r}; known: {sorted(profiles)}")
-    presets = profiles[preset].online_presets
+    return profiles[preset]
+
+
+def _task_values(preset: str, presets: Mapping[str, dict], task: str) -> dict:
     if task not in presets:
-        raise ValueError(f"preset {preset!r} has no online settings for task {task!r}; it has {sorted(presets)}")
+        raise ValueError(f"preset {preset!r} has no settings for task {task!r}; it has {sorted(presets)}")
     return dict(presets[task])
 
 

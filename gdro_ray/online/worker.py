@@ -12,10 +12,9 @@ The meter times the three stages and counts every forward; the reward calls are 
 """
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 
 from gdro_ray.config import OnlineConfig
-from gdro_ray.console import StageProgress, quiet_libraries
+from gdro_ray.console import StageProgress
 from gdro_ray.data.records import tensor_to_image
 from gdro_ray.flow import sde_transition, transition_log_prob
 from gdro_ray.objective import group_advantages
@@ -25,19 +24,14 @@ from gdro_ray.policy_gradient import clipped_policy_loss, transition_kl
 from gdro_ray.rewards import build_reward
 from gdro_ray.rewards.base import score_safely
 from gdro_ray.train.worker import (
-    Evaluator, NonFiniteGuard, WorkerRun, evaluate, finite_everywhere, report, restore, setup,
+    Evaluator, NonFiniteGuard, WorkerRun, evaluate, finite_everywhere, report, start,
 )
 
 
 def online_worker(values: dict, evaluator: Evaluator | None = None, progress: StageProgress | None = None) -> None:
     config = OnlineConfig(**values)
-    quiet_libraries()
-    run = setup(config)
-    console = (progress or StageProgress()) if run.rank == 0 else StageProgress(silent=True)
-    step = restore(run, console)
+    run, console, step, writer, last_eval = start(config, evaluator, progress)
     attempt_start = step
-    writer = SummaryWriter(str(config.run_directory / "tensorboard")) if run.rank == 0 else None
-    last_eval = evaluate(run, evaluator, 0, writer) if evaluator is not None and step == 0 else {}
     prompts = load_eval_set(config.prompt_set)
     reward = build_reward(prompts.held_out.reward)
     reward.load()

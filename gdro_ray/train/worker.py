@@ -47,15 +47,8 @@ class NonFiniteLossError(RuntimeError):
 
 def train_worker(values: dict, evaluator: Evaluator | None = None, progress: StageProgress | None = None) -> None:
     config = TrainConfig(**values)
-    quiet_libraries()
-    run = setup(config)
-    console = (progress or StageProgress()) if run.rank == 0 else StageProgress(silent=True)
-    step = restore(run, console)
+    run, console, step, writer, last_eval = start(config, evaluator, progress)
     attempt_start = step
-    writer = SummaryWriter(str(config.run_directory / "tensorboard")) if run.rank == 0 else None
-    last_eval = {}  # carried in every later report, so schedulers always see the latest held-out score
-    if evaluator is not None and step == 0:
-        last_eval = evaluate(run, evaluator, 0, writer)
     batches = _batches(ray.train.get_dataset_shard("train"), config, run.generator)
     guard, window = NonFiniteGuard(config.max_nonfinite_steps), _Window(run.world)
     while step < config.steps:
@@ -75,6 +68,19 @@ def train_worker(values: dict, evaluator: Evaluator | None = None, progress: Sta
             report(run, metrics, writer, console, checkpoint=checkpointing)
     if writer is not None:
         writer.close()
+
+
+def start(config: RunConfig, evaluator: Evaluator | None, progress: StageProgress | None):
+    """What every training loop begins with: the run set up and restored, rank 0's console and TensorBoard writer,
+    and on a fresh run the base model's held-out scores (carried in every later report, so schedulers always see
+    the latest). Returns (run, console, step, writer, last_eval)."""
+    quiet_libraries()
+    run = setup(config)
+    console = (progress or StageProgress()) if run.rank == 0 else StageProgress(silent=True)
+    step = restore(run, console)
+    writer = SummaryWriter(str(config.run_directory / "tensorboard")) if run.rank == 0 else None
+    last_eval = evaluate(run, evaluator, 0, writer) if evaluator is not None and step == 0 else {}
+    return run, console, step, writer, last_eval
 
 
 @dataclass
