@@ -76,9 +76,13 @@ class AlignSettings(HeldOutSettings):
     scoring_actors: tuple[int, int] = option((1, 1), "MIN,MAX scoring actors", pair_from_one=True)
     gpus_per_generator: float | None = option(None, "default: 1 if the cluster has GPUs, or declares it can get "
                                                     "them (GDRO_CLUSTER_MAX_RESOURCES, see cluster/README.md)")
+    reference_draws: int = option(8, "with --reference cached: (t, eps) draws per group whose reference velocities "
+                                     "generation stores")
 
     def __post_init__(self):
         super().__post_init__()
+        if self.reference_draws < 1:
+            raise ValueError(f"reference_draws must be >= 1, got {self.reference_draws}")
         if self.num_prompts < (0 if self.train_prompt_file else 1):  # 0: all of the file's prompts
             raise ValueError(f"num_prompts must be >= 1 (0 with a prompt file: all of it), got {self.num_prompts}")
         if self.k_gen < 2:
@@ -168,6 +172,8 @@ def generation_config(train: TrainConfig, settings: AlignSettings, run: Path) ->
         split="all" if settings.train_prompt_file and settings.eval_prompt_file else "train",
         generation_actors=settings.generation_actors, scoring_actors=settings.scoring_actors,
         gpus_per_generator=settings.gpus_per_generator,
+        reference_draws=settings.reference_draws if train.reference == "cached" else 0,
+        reference_timesteps=train.timesteps,
     )
 
 

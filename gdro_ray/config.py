@@ -21,6 +21,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 STRATEGIES = ("deepspeed", "ddp")
 ONLINE_METHODS = ("flow-grpo",)
+REFERENCES = ("live", "cached")
 
 
 @dataclass
@@ -115,6 +116,9 @@ class TrainConfig(RunConfig):
     kl: float = field(default=0.0, metadata={"help": "weight of the velocity distance to the reference (DGPO's KL)"})
     reduction: str = field(default="mean", metadata={"help": f"velocity error over latent elements: {REDUCTIONS}"})
     timesteps: str = field(default="logit_normal", metadata={"help": f"timestep sampler: {TIMESTEP_SAMPLERS}"})
+    reference: str = field(default="live", metadata={
+        "help": f"one of {REFERENCES}: the reference velocities computed at every step (the LoRA off), or read from "
+                "the group dataset's cache (made with --reference-draws)"})
     groups_per_step: int = field(default=2, metadata={"help": "groups per worker per micro-batch"})
     grad_accumulation: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
     reader_cpus: float = field(default=0.25, metadata={"help": "CPUs of the Ray Data reader feeding the workers"})
@@ -134,7 +138,8 @@ class TrainConfig(RunConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.objective == "sft" and self.kl > 0:
             raise ValueError("the sft objective runs no reference, so it takes no kl term: set kl to 0")
-        for name, allowed in (("objective", OBJECTIVES), ("reduction", REDUCTIONS), ("timesteps", TIMESTEP_SAMPLERS)):
+        for name, allowed in (("objective", OBJECTIVES), ("reduction", REDUCTIONS), ("timesteps", TIMESTEP_SAMPLERS),
+                              ("reference", REFERENCES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 

@@ -23,7 +23,9 @@ from gdro_ray.console import quiet_libraries
 from gdro_ray.data.manifest import MANIFEST_NAME, check_resumable, file_identity, write_manifest
 from gdro_ray.data.prompts import PromptRecord
 from gdro_ray.data.records import image_to_png, png_to_image, tensor_to_bytes
+from gdro_ray.data.reference_cache import cache_identity, reference_draws
 from gdro_ray.data.shards import read_shards, remove_partial_shards, shard_paths, write_shard, written_prompt_ids
+from gdro_ray.flow import TIMESTEP_SAMPLERS
 from gdro_ray.meter import ComputeMeter
 from gdro_ray.models import SamplerSettings, load_flow_model
 from gdro_ray.profiles import DEFAULT_MODEL, profile_for
@@ -34,7 +36,8 @@ from gdro_ray.rewards.base import score_safely
 
 @dataclass
 class GenerationConfig:
-    """Settings of one group dataset. Fields up to ``reward`` decide its content (the manifest's identity)."""
+    """Settings of one group dataset. Fields up to ``reference_timesteps`` decide its content (the manifest's
+    identity)."""
 
     task: str = option("ocr", "ocr, geneval, or custom (with --prompt-file)")
     model: str = option(DEFAULT_MODEL, "'tiny' (the embedded model), a diffusers FLUX directory, or a hub id")
@@ -48,6 +51,10 @@ class GenerationConfig:
     sampler: SamplerSettings | None = option(None, "how to sample (default: the model's own)")
     reward: dict = option(help="reward spec as JSON over the task's, e.g. '{\"mode\": \"strict\"}'",
                           default_factory=dict)
+    reference_draws: int = option(0, "reference cache: (t, eps) draws per group at which every member's reference "
+                                     "velocity is stored, for training with --reference cached (0: no cache)")
+    reference_timesteps: str = option("logit_normal", "the cache's sampler of t, as training's --timesteps",
+                                      choices=TIMESTEP_SAMPLERS)
     num_prompts: int | None = option(64, "prompts of the dataset (with --prompt-file, 0: all of the file's)")
     out: str = option("runs/groups", "dataset directory")
     prompts_per_batch: int = option(4, "prompts per generation batch (one shard per scored batch)")
@@ -63,6 +70,11 @@ class GenerationConfig:
         profile = profile_for(self.model)  # refuses a model that is neither a directory nor a hub id
         self.sampler = self.sampler or profile.sampler
         self.reward = profile.reward_spec(self.task, self.prompt_file, self.reward)
+        if self.reference_draws < 0:
+            raise ValueError(f"reference_draws must be >= 0 (0: no cache), got {self.reference_draws}")
+        if self.reference_timesteps not in TIMESTEP_SAMPLERS:
+            raise ValueError(f"reference_timesteps must be one of {TIMESTEP_SAMPLERS}, "
+                             f"got {self.reference_timesteps!r}")
         if self.k < 2:
             raise ValueError(f"k (images per prompt) must be >= 2 to form a group, got {self.k}")
         if self.num_prompts == 0 and self.prompt_file is not None:
@@ -75,6 +87,9 @@ class GenerationConfig:
                 raise ValueError(f"{name} must be (min, max) with 1 <= min <= max, got {(low, high)}")
 
     def identity(self) -> dict:
+        # A dataset without a cache keeps the identity (and hash) it had before caches existed.
+        cache = {"reference_cache": cache_identity(self.reference_draws, self.reference_timesteps)} \
+            if self.reference_draws else {}
         return {
             "task": self.task,
             "model": self.model,
@@ -85,6 +100,7 @@ class GenerationConfig:
             "k": self.k,
             "sampler": self.sampler.to_dict(),
             "reward": self.reward,
+            **cache,
         }
 
     def prompts(self) -> list[PromptRecord]:
@@ -107,6 +123,7 @@ class GroupGenerator:
         self.model = load_flow_model(profile_for(config.model).weights, revision=config.revision)
         self.meter = ComputeMeter()
         self.meter.watch(self.model.transformer)
+        self.timesteps = self.model.training_timesteps(config.reference_timesteps, config.sampler)
 
     def __call__(self, batch: dict) -> pa.Table:
         config, started = self.config, time.perf_counter()
@@ -116,6 +133,7 @@ class GroupGenerator:
             seeds = [derive_seed(config.seed, str(prompt_id), i) for i in range(config.k)]
             forwards = self.meter.forward_passes
             group = self.model.generate(prompts.select([index]), seeds, config.sampler)
+            cache = self._reference_cache(group.latents, prompts.select([index]), str(prompt_id))
             latents, latents_shape, latents_dtype = tensor_to_bytes(group.latents)
             sequence, sequence_shape, embeds_dtype = tensor_to_bytes(prompts.sequence[index])
             pooled, pooled_shape, _ = tensor_to_bytes(prompts.pooled[index])
@@ -137,11 +155,19 @@ class GroupGenerator:
                     "embeds_dtype": embeds_dtype,
                     "sampler": json.dumps(config.sampler.to_dict()),
                     "forward_passes": self.meter.forward_passes - forwards,
+                    **cache,
                 }
             )
         table = pa.Table.from_pylist(rows)
         seconds = time.perf_counter() - started
         return table.append_column("generation_seconds", pa.array([seconds / len(rows)] * len(rows)))
+
+    def _reference_cache(self, latents, prompt, prompt_id: str) -> dict:
+        config = self.config
+        if not config.reference_draws:
+            return {}
+        seeds = [derive_seed(config.seed, f"{prompt_id}/reference", i) for i in range(config.reference_draws + 1)]
+        return reference_draws(self.model, latents, prompt, config.sampler, self.timesteps, seeds[0], seeds[1:])
 
 
 class GroupScorer:

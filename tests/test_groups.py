@@ -3,11 +3,14 @@ import json
 import pytest
 import torch
 
+from gdro_ray.config import REFERENCES, TrainConfig
+from gdro_ray.data.manifest import write_manifest
 from gdro_ray.data.records import tensor_to_bytes
+from gdro_ray.data.reference_cache import CACHE_COLUMNS, cache_identity, draw_noise
 from gdro_ray.data.shards import shard_paths, write_shard
 from gdro_ray.models import SamplerSettings
 from gdro_ray.train.groups import (
-    TRAINING_COLUMNS, check_enough_groups, group_batch, ranked_prompt_ids, read_ranked_groups,
+    TRAINING_COLUMNS, check_enough_groups, check_reference_cache, group_batch, ranked_prompt_ids, read_ranked_groups, training_columns,
 )
 
 
@@ -46,9 +49,12 @@ def test_the_training_reader_yields_the_ranked_groups_training_columns_only(tmp_
     write_shard([row("a", [0.1, 0.9]), row("tie", [0.5, 0.5])], tmp_path)
     write_shard([row("b", [0.3, 0.7])], tmp_path)
     ids, _ = ranked_prompt_ids(str(tmp_path), k=2)
-    tables = list(read_ranked_groups({"path": [str(path) for path in shard_paths(tmp_path)]}, prompt_ids=ids))
-    assert sorted(pid for table in tables for pid in table.column("prompt_id").to_pylist()) == ["a", "b"]
-    assert all(table.column_names == TRAINING_COLUMNS for table in tables)
+    for reference in REFERENCES:
+        columns = training_columns(reference)
+        tables = list(read_ranked_groups({"path": [str(path) for path in shard_paths(tmp_path)]}, ids, columns))
+        assert sorted(pid for table in tables for pid in table.column("prompt_id").to_pylist()) == ["a", "b"]
+        assert all(table.column_names == columns for table in tables)
+    assert training_columns("cached") == TRAINING_COLUMNS + CACHE_COLUMNS
 
 
 def test_small_groups_are_padded_and_masked_and_draws_keep_member_rewards(tmp_path):
@@ -77,3 +83,50 @@ def test_too_few_groups_for_the_workers_is_refused():
     check_enough_groups(8, workers=2, groups_per_step=4)
     with pytest.raises(ValueError, match="2 workers x 4 groups per step need at least 8"):
         check_enough_groups(7, workers=2, groups_per_step=4)
+
+
+def cached_row(prompt_id, rewards, draws=3):
+    """A row whose reference velocity of member m at draw d is the constant 10 d + m."""
+    tokens, channels = 4, 2
+    velocities = (10 * torch.arange(draws).view(draws, 1, 1, 1) + torch.arange(len(rewards)).view(1, -1, 1, 1)
+                  ).expand(draws, len(rewards), tokens, channels).to(torch.float16)
+    data, shape, _ = tensor_to_bytes(velocities)
+    return {**row(prompt_id, rewards, tokens, channels), "reference_timesteps": [0.1 * (d + 1) for d in range(draws)],
+            "reference_noise_seeds": [100 + d for d in range(draws)], "reference_velocities": data,
+            "reference_shape": shape}
+
+
+def test_a_cached_batch_carries_one_draw_per_group_and_its_members_reference(tmp_path):
+    rows = [cached_row("a", [0.1, None, 0.5, 0.2]), cached_row("small", [0.3, 0.7])]
+    batch = group_batch(rows, k=3, generator=torch.Generator().manual_seed(0), cached=True)
+    t, eps = batch.draws
+    assert t.shape == (2,) and eps.shape == (2, 4, 2) and batch.reference.shape == (2, 3, 4, 2)
+    for group, count in enumerate((3, 2)):
+        draw = round(t[group].item() * 10) - 1  # which of the draws it took, from its t
+        torch.testing.assert_close(eps[group], draw_noise(100 + draw, (4, 2)))  # eps regenerated from its seed
+        for slot in range(count):  # each drawn member gets its own reference velocity at that draw
+            member = int(batch.latents[group, slot, 0, 0].item()) // 8
+            assert batch.reference[group, slot].unique().tolist() == [10 * draw + member]
+        assert not batch.reference[group, count:].any()  # padding
+    draws = {round(group_batch(rows, 3, torch.Generator().manual_seed(seed), cached=True).draws[0][0].item() * 10)
+             for seed in range(20)}
+    assert draws == {1, 2, 3}  # every cached draw gets used
+
+
+def test_a_cache_that_does_not_fit_the_run_is_refused(tmp_path):
+    (tmp_path / "cached").mkdir(), (tmp_path / "plain").mkdir()
+    identity = {"model": "tiny", "revision": None, "reference_cache": cache_identity(4, "logit_normal")}
+    write_manifest(tmp_path / "cached", identity, {}, complete=True)
+    write_manifest(tmp_path / "plain", {"model": "tiny", "revision": None}, {}, complete=True)
+
+    def config(data, **overrides):
+        return TrainConfig(**{"data": str(tmp_path / data), "model": "tiny", "reference": "cached", **overrides})
+
+    check_reference_cache(config("cached"))
+    check_reference_cache(config("plain", reference="live"))  # live needs no cache
+    with pytest.raises(ValueError, match="has no reference cache: make it with --reference-draws"):
+        check_reference_cache(config("plain"))
+    with pytest.raises(ValueError, match="made by model 'tiny' .* not this run's 'other/flux'"):
+        check_reference_cache(config("cached", model="other/flux"))
+    with pytest.raises(ValueError, match="drew t with 'logit_normal', this run with --timesteps 'uniform'"):
+        check_reference_cache(config("cached", timesteps="uniform"))

@@ -35,11 +35,11 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def groups(ray_cluster, tmp_path_factory, tiny_flux_dir):
-    """Groups of a random tiny FLUX scored by brightness, plus one group of 3 (smaller than k) and one tie.
-    Training reads the model from the dataset's manifest (train_config)."""
+    """Groups of a random tiny FLUX scored by brightness, with a reference cache, plus one group of 3 (smaller than k)
+    and one tie. Training reads the model from the dataset's manifest (train_config)."""
     out = tmp_path_factory.mktemp("groups")
     config = GenerationConfig(task="ocr", model=str(tiny_flux_dir), reward={"name": "brightness"}, num_prompts=6,
-                              k=6, sampler=sampler(4), out=str(out))
+                              k=6, sampler=sampler(4), reference_draws=2, out=str(out))
     generate_groups(config, progress=False)
     row = read_shards(out).to_pylist()[0]
     latents_bytes = len(row["latents"]) // 6
@@ -126,6 +126,15 @@ def test_a_rerun_resumes_from_the_latest_checkpoint(groups, tmp_path):
     assert second.metrics["step"] == 6 and second.metrics["attempt_start_step"] == 4
     # The meter goes on from the checkpoint's totals: six steps' forwards, each step the same batch shape.
     assert second.metrics["compute_forward_passes"] == first.metrics["compute_forward_passes"] * 6 // 4
+
+
+def test_the_cached_reference_trains_without_the_reference_forward(groups, tmp_path):
+    config = train_config(groups, tmp_path, name="cached", reference="cached", steps=2, strategy="ddp",
+                          num_workers=1)
+    result = run_training(config)
+    assert result.error is None and result.metrics["step"] == 2 and math.isfinite(result.metrics["loss"])
+    # Per member and step: the policy's forward and its backward (2 forwards); live would add the reference's.
+    assert result.metrics["compute_forward_passes"] == 2 * config.groups_per_step * config.k * 3
 
 
 def ray_train_worker_processes():

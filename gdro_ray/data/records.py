@@ -33,6 +33,11 @@ GROUP_SCHEMA = pa.schema(
         ("reward_details", pa.list_(pa.string())),  # JSON per member
         ("sampler", pa.string()),  # JSON: height, width, steps, guidance
         ("compute", pa.string()),  # JSON: what making and scoring the group cost (gdro_ray.meter)
+        # The reference cache (gdro_ray.data.reference_cache), null in a dataset made without one.
+        ("reference_timesteps", pa.list_(pa.float64())),
+        ("reference_noise_seeds", pa.list_(pa.int64())),
+        ("reference_velocities", pa.binary()),  # (M, k_gen, tokens, channels) float16
+        ("reference_shape", pa.list_(pa.int64())),
     ]
 )
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from gdro_ray.flow import TimestepSampler
+
 # FLUX's attention and feed-forward projections, in the double-stream and single-stream blocks.
 FLUX_LORA_TARGETS = (
     "attn.to_q",
@@ -157,6 +159,12 @@ class FlowModel(ABC):
     @abstractmethod
     def timestep_shift_mu(self, height: int, width: int) -> float:
         """The resolution-dependent shift the model's sampler uses at this image size."""
+
+    def training_timesteps(self, kind: str, sampler: SamplerSettings) -> TimestepSampler:
+        """How training draws t for images of the sampler's size ("flux_shift": at the model's shift for it)."""
+        if kind == "flux_shift":
+            return TimestepSampler(kind, shift_mu=self.timestep_shift_mu(sampler.height, sampler.width))
+        return TimestepSampler(kind)
 
     @abstractmethod
     def add_lora(self, spec: LoraSpec) -> None:

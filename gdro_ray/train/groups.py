@@ -17,7 +17,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from gdro_ray.config import TrainConfig
+from gdro_ray.data.manifest import read_dataset_manifest
 from gdro_ray.data.records import tensor_from_bytes
+from gdro_ray.data.reference_cache import CACHE_COLUMNS, cached_draw
 from gdro_ray.data.shards import read_shards
 from gdro_ray.models.base import PromptEmbeddings, SamplerSettings
 from gdro_ray.train.step import GroupBatch
@@ -46,14 +49,39 @@ def ranked_prompt_ids(directory: str, k: int) -> tuple[list[str], dict]:
     return ids, counts
 
 
-def read_ranked_groups(batch: dict, prompt_ids: list[str]):
-    """Ray Data reader: the training columns of the given groups in the batch's shard files, a row group at a
+def training_columns(reference: str) -> list[str]:
+    """The columns training reads: the cache's too when it trains on the cached reference."""
+    return TRAINING_COLUMNS + (CACHE_COLUMNS if reference == "cached" else [])
+
+
+def check_reference_cache(config: TrainConfig) -> None:
+    """A run on the cached reference needs a cache made by its own model with its sampler of t: any other would
+    train against another reference, silently."""
+    if config.reference != "cached":
+        return
+    identity = read_dataset_manifest(config.data)["identity"]
+    cache = identity.get("reference_cache")
+    if cache is None:
+        raise ValueError(f"--reference cached, but the group dataset in {config.data!r} has no reference cache: "
+                         "make it with --reference-draws M, or train with --reference live")
+    made_by = (identity["model"], identity["revision"])
+    if made_by != (config.model, config.revision):
+        raise ValueError(f"the reference cache in {config.data!r} was made by model {made_by[0]!r} (revision "
+                         f"{made_by[1]!r}), not this run's {config.model!r} (revision {config.revision!r}): "
+                         "train with --reference live or make the dataset with this model")
+    if cache["timesteps"] != config.timesteps:
+        raise ValueError(f"the reference cache in {config.data!r} drew t with {cache['timesteps']!r}, this run with "
+                         f"--timesteps {config.timesteps!r}: use the same, or --reference live")
+
+
+def read_ranked_groups(batch: dict, prompt_ids: list[str], columns: list[str]):
+    """Ray Data reader: the given columns of the given groups in the batch's shard files, a row group at a
     time (a shard never has to fit in memory whole)."""
     wanted = pa.array(prompt_ids, type=pa.string())
     for path in np.asarray(batch["path"]).tolist():
         shard = pq.ParquetFile(path)
         for index in range(shard.num_row_groups):
-            table = shard.read_row_group(index, columns=TRAINING_COLUMNS)
+            table = shard.read_row_group(index, columns=columns)
             table = table.filter(pc.is_in(table["prompt_id"], value_set=wanted))
             if table.num_rows:
                 yield table
@@ -68,20 +96,29 @@ def check_enough_groups(ranked_groups: int, workers: int, groups_per_step: int) 
                          "groups per step, or generate more prompts")
 
 
-def group_batch(rows: list[dict], k: int, generator: torch.Generator) -> GroupBatch:
-    """Draw k scored members of each group (all of a smaller group, masked to k) into one GroupBatch."""
-    latents, rewards, masks = [], [], []
+def group_batch(rows: list[dict], k: int, generator: torch.Generator, cached: bool = False) -> GroupBatch:
+    """Draw k scored members of each group (all of a smaller group, masked to k) into one GroupBatch; cached:
+    with one of each group's cached reference draws."""
+    latents, rewards, masks, draws, references = [], [], [], [], []
     for row in rows:
         scored = [index for index, reward in enumerate(row["rewards"]) if reward is not None]
         members = tensor_from_bytes(row["latents"], row["latents_shape"], row["latents_dtype"])[scored]
         group_rewards = torch.tensor([row["rewards"][index] for index in scored], dtype=torch.float32)
         pick = torch.randperm(len(scored), generator=generator)[:k]
         padding = k - len(pick)
+        if cached:
+            t, eps, reference = cached_draw(row, torch.tensor(scored)[pick], generator)
+            draws.append((t, eps))
+            references.append(torch.cat([reference, reference.new_zeros(padding, *reference.shape[1:])]))
         latents.append(torch.cat([members[pick], members.new_zeros(padding, *members.shape[1:])]))
         rewards.append(torch.cat([group_rewards[pick], group_rewards.new_zeros(padding)]))
         masks.append(torch.arange(k) < len(pick))
     sequence = torch.stack([tensor_from_bytes(r["prompt_embeds"], r["prompt_embeds_shape"], r["embeds_dtype"]) for r in rows])
     pooled = torch.stack([tensor_from_bytes(r["pooled_embeds"], r["pooled_embeds_shape"], r["embeds_dtype"]) for r in rows])
     mask = torch.stack(masks)
-    return GroupBatch(torch.stack(latents), torch.stack(rewards), PromptEmbeddings(sequence, pooled),
-                      SamplerSettings.from_dict(json.loads(rows[0]["sampler"])), None if mask.all() else mask)
+    batch = GroupBatch(torch.stack(latents), torch.stack(rewards), PromptEmbeddings(sequence, pooled),
+                       SamplerSettings.from_dict(json.loads(rows[0]["sampler"])), None if mask.all() else mask)
+    if cached:
+        batch.draws = torch.stack([t for t, _ in draws]), torch.stack([eps for _, eps in draws])
+        batch.reference = torch.stack(references)
+    return batch

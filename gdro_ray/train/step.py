@@ -1,7 +1,7 @@
 """One loss evaluation on a batch of groups: the bridge between a FlowModel and gdro_ray.objective.
 
-    x_t = (1 - t) x0 + t eps with one (t, eps) per group      (gdro_ray.flow)
-    s   = -beta (||v - v_theta||^2 - ||v - v_ref||^2)          v_ref: the LoRA disabled, no grad
+    x_t = (1 - t) x0 + t eps with one (t, eps) per group      (gdro_ray.flow; or a cached draw)
+    s   = -beta (||v - v_theta||^2 - ||v - v_ref||^2)          v_ref: the LoRA disabled, no grad, or cached
     L   = L_group(s, r) + gamma * ||v - v_theta||^2 on each group's top-1 member + kl * ||v_theta - v_ref||^2
 
 L_group is the objective's: GDRO's soft Plackett-Luce (tau), the hard one, Diffusion-DPO on the best and worst
@@ -52,13 +52,17 @@ class LossConfig:
 @dataclass
 class GroupBatch:
     """B groups of k members: latents (B, k, N, C), rewards and mask (B, k), one prompt per group, and the
-    sampler they were generated with (its size and distilled guidance condition the velocities)."""
+    sampler they were generated with (its size and distilled guidance condition the velocities). From a dataset
+    with a reference cache (gdro_ray.data.reference_cache): each group's cached draw, t (B,) and eps (B, N, C),
+    and its members' reference velocities there (B, k, N, C); without one the loss draws (t, eps) itself."""
 
     latents: torch.Tensor
     rewards: torch.Tensor
     prompts: PromptEmbeddings
     sampler: SamplerSettings
     mask: torch.Tensor | None = None
+    draws: tuple[torch.Tensor, torch.Tensor] | None = None
+    reference: torch.Tensor | None = None
 
 
 @dataclass
@@ -73,7 +77,7 @@ def group_batch_loss(
     model: FlowModel, batch: GroupBatch, config: LossConfig, generator: torch.Generator | None = None
 ) -> BatchLoss:
     groups, k = batch.rewards.shape
-    t, eps = sample_group_noise(groups, tuple(batch.latents.shape[2:]), config.timesteps, generator)
+    t, eps = batch.draws or sample_group_noise(groups, tuple(batch.latents.shape[2:]), config.timesteps, generator)
     latents = batch.latents.float()
     if batch.mask is not None:  # padding may hold anything; zeros keep its (unused) gradients finite
         latents = latents.masked_fill(~batch.mask.view(groups, k, *[1] * (latents.dim() - 2)), 0.0)
@@ -91,8 +95,11 @@ def group_batch_loss(
     if config.objective == "sft":
         return BatchLoss(top1.mean(), torch.zeros(()), top1.mean().detach(), None)
 
-    with torch.no_grad(), model.reference():
-        reference = model.velocity(x_t, times, members, batch.sampler)
+    if batch.reference is None:
+        with torch.no_grad(), model.reference():
+            reference = model.velocity(x_t, times, members, batch.sampler)
+    else:
+        reference = batch.reference.flatten(0, 1).to(policy.device)
     reference_error = velocity_error(reference, target, config.reduction).view(groups, k)
     scores = implicit_reward(policy_error, reference_error, config.beta)
     ranking = group_loss(config.objective, scores, rewards, config.tau, mask)

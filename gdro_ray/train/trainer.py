@@ -22,7 +22,9 @@ from gdro_ray.config import RunConfig, TrainConfig, save_yaml
 from gdro_ray.console import StageConsole
 from gdro_ray.data.shards import shard_paths
 from gdro_ray.resource_plan import cluster_ready_for, read_capacity, training_plan, uses_gpus, worker_resources
-from gdro_ray.train.groups import check_enough_groups, ranked_prompt_ids, read_ranked_groups
+from gdro_ray.train.groups import (
+    check_enough_groups, check_reference_cache, ranked_prompt_ids, read_ranked_groups, training_columns,
+)
 from gdro_ray.train.worker import Evaluator, train_worker
 
 
@@ -32,11 +34,12 @@ def group_dataset(config: TrainConfig) -> tuple[ray.data.Dataset, dict]:
     Every Ray Data task of it asks for reader_cpus: read_parquet would also list the files in a task of one
     whole CPU, which a cluster whose CPUs the workers hold never gets.
     """
+    check_reference_cache(config)
     ids, counts = ranked_prompt_ids(config.data, config.k)
     check_enough_groups(len(ids), config.max_workers or config.num_workers, config.groups_per_step)
     shards = ray.data.from_items([{"path": str(path)} for path in shard_paths(config.data)])
-    dataset = shards.map_batches(read_ranked_groups, fn_kwargs={"prompt_ids": ids}, batch_size=1,
-                                 num_cpus=config.reader_cpus)
+    dataset = shards.map_batches(read_ranked_groups, batch_size=1, num_cpus=config.reader_cpus,
+                                 fn_kwargs={"prompt_ids": ids, "columns": training_columns(config.reference)})
     return dataset, counts
 
 

@@ -29,11 +29,10 @@ from torch.utils.tensorboard import SummaryWriter
 
 from gdro_ray.config import RunConfig, TrainConfig
 from gdro_ray.console import StageProgress, quiet_libraries
-from gdro_ray.flow import TimestepSampler
 from gdro_ray.meter import ComputeMeter
 from gdro_ray.models import FlowModel, LoraSpec, load_flow_model
 from gdro_ray.profiles import profile_for
-from gdro_ray.train.groups import TRAINING_COLUMNS, group_batch
+from gdro_ray.train.groups import group_batch, training_columns
 from gdro_ray.train.metrics import ranking_agreement
 from gdro_ray.train.step import GroupBatch, LossConfig, group_batch_loss
 from gdro_ray.train.strategies import DataParallelStrategy, DeepSpeedStrategy
@@ -161,7 +160,7 @@ def micro_step(run: WorkerRun, batch: GroupBatch, guard: "NonFiniteGuard", windo
         config = run.config
         run.loss_config = LossConfig(objective=config.objective, beta=config.beta, tau=config.tau,
                                      gamma=config.gamma, kl=config.kl, reduction=config.reduction,
-                                     timesteps=_timestep_sampler(run, batch))
+                                     timesteps=run.model.training_timesteps(config.timesteps, batch.sampler))
     result = group_batch_loss(run.model, batch, run.loss_config, run.generator)
     if not finite_everywhere(result.loss, run.device):
         guard.skip(step)
@@ -241,21 +240,22 @@ REPLAY_LIMIT_BYTES = 2 * 2**30
 
 def _batches(shard, config: TrainConfig, generator: torch.Generator, replay_limit_bytes: int = REPLAY_LIMIT_BYTES):
     """Endless micro-batches of this worker's groups, epoch after epoch, in the first epoch's order."""
+    columns, cached = training_columns(config.reference), config.reference == "cached"
 
     def epoch():
         tables = shard.iter_batches(batch_size=config.groups_per_step, batch_format="pyarrow", drop_last=True)
-        return (table.select(TRAINING_COLUMNS) for table in tables)
+        return (table.select(columns) for table in tables)
 
     kept, kept_bytes = [], 0
     for table in epoch():
         kept_bytes += table.nbytes
         if kept_bytes <= replay_limit_bytes:
             kept.append(table)
-        yield group_batch(table.to_pylist(), config.k, generator)
+        yield group_batch(table.to_pylist(), config.k, generator, cached)
     replay = kept_bytes <= replay_limit_bytes
     while True:
         for table in kept if replay else epoch():
-            yield group_batch(table.to_pylist(), config.k, generator)
+            yield group_batch(table.to_pylist(), config.k, generator, cached)
 
 
 def _metered(run: WorkerRun) -> ComputeMeter:
@@ -269,13 +269,6 @@ def _metered(run: WorkerRun) -> ComputeMeter:
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
     now = ComputeMeter(int(counts[0]), int(counts[1]), dict(zip(stages, seconds.tolist())))
     return now.add(run.metered_before) if run.metered_before else now
-
-
-def _timestep_sampler(run: WorkerRun, batch: GroupBatch) -> TimestepSampler:
-    if run.config.timesteps == "flux_shift":
-        return TimestepSampler("flux_shift", shift_mu=run.model.timestep_shift_mu(batch.sampler.height,
-                                                                                   batch.sampler.width))
-    return TimestepSampler(run.config.timesteps)
 
 
 def finite_everywhere(loss: torch.Tensor, device: torch.device) -> bool:
