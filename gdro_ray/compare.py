@@ -28,6 +28,7 @@ from gdro_ray.align import AlignSettings, generation_config, prepare_data
 from gdro_ray.cli import base_type, option
 from gdro_ray.config import TrainConfig
 from gdro_ray.console import StageConsole
+from gdro_ray.data.manifest import read_manifest
 from gdro_ray.evaluate import (
     HeldOut, evaluation_draw, mean_and_standard_error, paired_change, read_scores, sample_and_score, summarise,
     write_csv, write_results,
@@ -128,7 +129,13 @@ def run_compare(configs: dict[str, TrainConfig], align: AlignSettings, settings:
              training_plan(first, use_gpu)]
     check_plans(plans, capacity)
     log(describe_plans(plans, capacity))
-    shared = prepare_data(first, align, run, evaluation, log)
+    # One dataset for every run: with the reference cache when any run trains on it (--grid reference=cached), or
+    # when an earlier command made it with one.
+    made = read_manifest(run / "groups")
+    cached = any(run_config(configs, spec).reference == "cached" for spec in runs) or \
+        (made is not None and "reference_cache" in made["identity"])
+    shared = prepare_data(dataclasses.replace(first, reference="cached") if cached else first, align, run,
+                          evaluation, log)
     held_out = HeldOut.of_dataset(shared.data, align.eval_prompt_file)
     judge = quality_judge(first.model, **align.judge())
     draw = align.final_evaluation(held_out)
@@ -184,7 +191,11 @@ def write_report(run: Path, base: dict) -> list[dict]:
 
 def _order(row: dict) -> tuple:
     field, _, value = row["setting"].partition("=")
-    return (OBJECTIVES.index(row["method"]), row["setting"] != PRESET, field, float(value or 0), row["seed"])
+    try:  # numbers in their order, words (reference=cached) in theirs
+        number, word = float(value or 0), ""
+    except ValueError:
+        number, word = 0.0, value
+    return (OBJECTIVES.index(row["method"]), row["setting"] != PRESET, field, word, number, row["seed"])
 
 
 def evaluate_model(held_out: HeldOut, lora: str | Path | None, out: Path, name: str, judge: QualityJudge, *,

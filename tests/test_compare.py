@@ -45,8 +45,9 @@ def test_the_table_gives_mean_and_standard_error_over_seeds():
 def test_a_small_comparison_shares_its_data_and_reads_finished_runs_back(local_ray, load_script, tmp_path, capsys):
     compare = load_script("jobs/compare.py")
     out = tmp_path / "compare"
-    rows = compare.main(["--task", "ocr", "--out", str(out), "--methods", "dgpo", "--seeds", "1", *SMALL])
-    assert [(row["method"], row["setting"]) for row in rows] == [("dgpo", "preset")]
+    rows = compare.main(["--task", "ocr", "--out", str(out), "--methods", "dgpo", "--seeds", "1",
+                         "--grid", "reference=cached", *SMALL])
+    assert [(row["method"], row["setting"]) for row in rows] == [("dgpo", "preset"), ("dgpo", "reference=cached")]
     for path in ("groups/manifest.json", "eval_set/eval_set.json", "base/base.json", "results.csv", "results.md",
                  "curves.png", "runs/dgpo-seed0/eval/aligned.json", "runs/dgpo-seed0/train/lora/config.yaml"):
         assert (out / path).is_file(), path
@@ -55,19 +56,21 @@ def test_a_small_comparison_shares_its_data_and_reads_finished_runs_back(local_r
     written = {path: path.stat().st_mtime_ns for path in (base, lora)}
     capsys.readouterr()
 
-    # A second command into the same directory: the finished run is read back, its k=2 variation added, and the
-    # tables hold both (a command with other methods adds its runs the same way).
+    # A second command into the same directory: the finished runs are read back, a k=2 variation added (on the
+    # dataset with its cache, though this command trains on none), and the tables hold all three (a command with
+    # other methods adds its runs the same way).
     rows = compare.main(["--task", "ocr", "--out", str(out), "--methods", "dgpo", "--seeds", "1", "--grid", "k=2",
                          *SMALL])
     log = capsys.readouterr().out
     assert "groups: complete" in log and "run 1/2" not in log and "run 2/2: dgpo-k2-seed0" in log
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in written.items())
-    assert [row["label"] for row in rows] == ["dgpo", "dgpo-k2"]
+    assert [row["label"] for row in rows] == ["dgpo", "dgpo-k2", "dgpo-referencecached"]
     with open(out / "results.csv") as handle:
         table = list(csv.DictReader(handle))
-    assert [row["k"] for row in table] == ["3", "2"]
-    # 4 steps of 1 worker x 2 groups x k members, each a policy forward, a reference forward and a backward
-    assert [int(row["train_forward_passes"]) for row in table] == [4 * 2 * 3 * 4, 4 * 2 * 2 * 4]
+    assert [row["k"] for row in table] == ["3", "2", "3"]
+    # 4 steps of 1 worker x 2 groups x k members, each a policy forward and a backward, and a reference forward
+    # unless the run reads the cached one
+    assert [int(row["train_forward_passes"]) for row in table] == [4 * 2 * 3 * 4, 4 * 2 * 2 * 4, 4 * 2 * 3 * 3]
     assert (out / "curves-dgpo.png").is_file() and "| dgpo | k=2 | 1 |" in (out / "results.md").read_text()
 
 

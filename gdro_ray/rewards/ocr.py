@@ -97,9 +97,14 @@ class RapidOCREngine(OCREngine):
     """PP-OCRv4 detection and recognition through onnxruntime, with the models inside the wheel."""
 
     def __init__(self, detection: str = "image"):
+        import torch
         from rapidocr_onnxruntime import RapidOCR
 
-        self._ocr = RapidOCR(**OCR_DETECTION[detection])
+        # onnxruntime would start a spinning thread per core, whatever this process was given: in a Ray actor of
+        # one CPU beside a generation actor they took the generator's core (benchmarks/generation_throughput.py).
+        # torch.get_num_threads() is the process's share (Ray sets OMP_NUM_THREADS to the actor's CPUs).
+        self._ocr = RapidOCR(**OCR_DETECTION[detection], intra_op_num_threads=torch.get_num_threads(),
+                             inter_op_num_threads=1)
 
     def read(self, image: Image.Image) -> str:
         # No angle classifier, as Flow-GRPO (generated text is upright). Boxes below the engine's
