@@ -1,7 +1,8 @@
 """The offline group dataset on Ray Data: prompts -> generation actors -> reward actors -> Parquet shards.
 
     prompts ──► GroupGenerator pool (one model replica per actor, a GPU each on clusters)
-            ──► GroupScorer pool (reward model per actor; writes each scored batch as one shard)
+            ──► GroupScorer pool (gdro_ray.group_scoring: reward model per actor; writes each scored batch as
+                one shard)
             ──► summary rows to the driver (progress, per-stage times)
 
 Resume: prompts already in a shard are left out before the pipeline starts, so a rerun (after a
@@ -22,16 +23,15 @@ from gdro_ray.cli import option
 from gdro_ray.console import quiet_libraries
 from gdro_ray.data.manifest import MANIFEST_NAME, check_resumable, file_identity, write_manifest
 from gdro_ray.data.prompts import PromptRecord
-from gdro_ray.data.records import image_to_png, png_to_image, tensor_to_bytes
+from gdro_ray.data.records import image_to_png, tensor_to_bytes
 from gdro_ray.data.reference_cache import cache_identity, reference_draws
-from gdro_ray.data.shards import read_shards, remove_partial_shards, shard_paths, write_shard, written_prompt_ids
+from gdro_ray.data.shards import read_shards, remove_partial_shards, shard_paths, written_prompt_ids
 from gdro_ray.flow import TIMESTEP_SAMPLERS
+from gdro_ray.group_scoring import GroupScorer
 from gdro_ray.meter import ComputeMeter
 from gdro_ray.models import SamplerSettings, load_flow_model
 from gdro_ray.profiles import DEFAULT_MODEL, profile_for
 from gdro_ray.resource_plan import StagePlan, cluster_ready_for, generation_plan, read_capacity
-from gdro_ray.rewards import build_reward
-from gdro_ray.rewards.base import score_safely
 
 
 @dataclass
@@ -170,41 +170,6 @@ class GroupGenerator:
         return reference_draws(self.model, latents, prompt, config.sampler, self.timesteps, seeds[0], seeds[1:])
 
 
-class GroupScorer:
-    """Ray Data actor: one reward model; scores each group and writes the batch as one shard."""
-
-    def __init__(self, config: GenerationConfig, shard_directory: str):
-        quiet_libraries()
-        self.reward = build_reward(config.reward)
-        self.reward.load()  # a reward model that cannot load fails the run here, not each image
-        self.shard_directory = shard_directory
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        started = time.perf_counter()
-        for row in rows:
-            row_started = time.perf_counter()
-            metadata = {**json.loads(row["metadata"]), "prompt": row["prompt"]}
-            images = [png_to_image(png) for png in row["images"]]
-            results = score_safely(self.reward, images, [metadata] * len(images))
-            row["rewards"] = [None if result.reward is None else float(result.reward) for result in results]
-            row["reward_details"] = [json.dumps(result.details) for result in results]
-            seconds = {"generation": row["generation_seconds"], "scoring": time.perf_counter() - row_started}
-            row["compute"] = json.dumps(ComputeMeter(row["forward_passes"], len(images), seconds).as_dict())
-        scored = time.perf_counter()
-        write_shard([{k: v for k, v in row.items() if k not in ("generation_seconds", "forward_passes")}
-                     for row in rows], self.shard_directory)
-        written = time.perf_counter()
-        return pa.table(
-            {
-                "prompt_id": [row["prompt_id"] for row in rows],
-                "generation_seconds": [row["generation_seconds"] for row in rows],
-                "scoring_seconds": [(scored - started) / len(rows)] * len(rows),
-                "writing_seconds": [(written - scored) / len(rows)] * len(rows),
-            }
-        )
-
-
 def pending_prompts(config: GenerationConfig, overwrite: bool = False) -> list[PromptRecord]:
     """The prompts of this dataset not yet written; checks (or clears, with overwrite) what is there."""
     out = Path(config.out)
@@ -277,7 +242,7 @@ def _pipeline(config: GenerationConfig, plan: StagePlan, prompts: list[PromptRec
         )
         .map_batches(
             GroupScorer,
-            fn_constructor_kwargs={"config": config, "shard_directory": str(Path(config.out).resolve())},
+            fn_constructor_kwargs={"reward_spec": config.reward, "shard_directory": str(Path(config.out).resolve())},
             compute=ray.data.ActorPoolStrategy(min_size=config.scoring_actors[0], max_size=config.scoring_actors[1]),
             batch_size=config.prompts_per_batch,
             batch_format="pyarrow",

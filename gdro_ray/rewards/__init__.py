@@ -6,10 +6,8 @@ included, so that a dataset says exactly how it was scored.
 
 import importlib
 
-import torch
-
 from gdro_ray.rewards.base import Reward, RewardResult, score_safely
-from gdro_ray.rewards.geneval_backend import DEFAULT_CLIP_ID, DEFAULT_DETECTOR_ID
+from gdro_ray.rewards.geneval import DEFAULT_CLIP_ID, DEFAULT_DETECTOR_ID
 
 __all__ = ["DEFAULT_SPECS", "Reward", "RewardResult", "build_reward", "score_safely"]
 
@@ -32,6 +30,8 @@ def build_reward(spec: dict) -> Reward:
 
         return OCRReward(**options)
     if spec.get("name") == "geneval":
+        import torch
+
         from gdro_ray.rewards.geneval import GenEvalReward
         from gdro_ray.rewards.geneval_backend import ClipColorClassifier, TransformersDetector
 

@@ -21,6 +21,11 @@ from PIL import Image
 
 from gdro_ray.rewards.base import Reward, RewardResult
 
+# The backend's default models (gdro_ray.rewards.geneval_backend), named here so that reading a reward spec
+# imports no model library.
+DEFAULT_DETECTOR_ID = "PekingU/rtdetr_r50vd_coco_o365"
+DEFAULT_CLIP_ID = "openai/clip-vit-large-patch14"  # the weights of GenEval's open_clip ViT-L-14 "openai"
+
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 POSITION_RELATIONS = ("left of", "right of", "above", "below")

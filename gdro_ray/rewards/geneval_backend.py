@@ -10,10 +10,9 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForObjectDetection, AutoProcessor, CLIPModel
 
-from gdro_ray.rewards.geneval import GENEVAL_CLASSES, GENEVAL_COLORS, ColorClassifier, Detection, Detector
-
-DEFAULT_DETECTOR_ID = "PekingU/rtdetr_r50vd_coco_o365"
-DEFAULT_CLIP_ID = "openai/clip-vit-large-patch14"  # the weights of GenEval's open_clip ViT-L-14 "openai"
+from gdro_ray.rewards.geneval import (
+    DEFAULT_CLIP_ID, DEFAULT_DETECTOR_ID, GENEVAL_CLASSES, GENEVAL_COLORS, ColorClassifier, Detection, Detector,
+)
 
 # GenEval's zero-shot colour prompts, and the grey ("#999") it pastes a masked object onto.
 COLOR_TEMPLATES = ("a photo of a {color} {label}", "a photo of a {color}-colored {label}", "a photo of a {color} object")
