@@ -8,7 +8,8 @@ plain loop's model and OCR loading; Ray's actor processes, their imports and loa
 the first shard and the last (steady state), and each stage's seconds summed over groups (a stage that
 runs slower in its actor than in the plain loop shares its core with another).
 
-    python benchmarks/generation_throughput.py --num-prompts 16 --k 8 --actors 1
+    python benchmarks/generation_throughput.py                  # the align job's 96 prompts x k=8
+    python benchmarks/generation_throughput.py --num-prompts 16 # start-up weighs more
 """
 
 import argparse
@@ -63,7 +64,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="ocr")
     parser.add_argument("--model", default="tiny")
-    parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--num-prompts", type=int, default=96, help="96: the align job's dataset")
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--num-steps", type=int, default=None)
     parser.add_argument("--prompts-per-batch", type=int, default=2)
