@@ -119,6 +119,11 @@ class TrainConfig(RunConfig):
     reference: str = field(default="live", metadata={
         "help": f"one of {REFERENCES}: the reference velocities computed at every step (the LoRA off), or read from "
                 "the group dataset's cache (made with --reference-draws)"})
+    reward_weights: dict | None = field(default=None, metadata={
+        "help": "a dataset scored with a mixed reward, ranked with these weights, JSON {PART: weight} (default: "
+                "its own)"})
+    reward_normalise: bool = field(default=False, metadata={
+        "help": "a mixed reward's parts each normalised over its group before mixing"})
     groups_per_step: int = field(default=2, metadata={"help": "groups per worker per micro-batch"})
     grad_accumulation: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
     reader_cpus: float = field(default=0.25, metadata={"help": "CPUs of the Ray Data reader feeding the workers"})
@@ -138,6 +143,9 @@ class TrainConfig(RunConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.objective == "sft" and self.kl > 0:
             raise ValueError("the sft objective runs no reference, so it takes no kl term: set kl to 0")
+        if self.reward_weights is not None and (not self.reward_weights or not all(
+                isinstance(weight, (int, float)) for weight in self.reward_weights.values())):
+            raise ValueError(f"reward_weights must map reward parts to numbers, got {self.reward_weights!r}")
         for name, allowed in (("objective", OBJECTIVES), ("reduction", REDUCTIONS), ("timesteps", TIMESTEP_SAMPLERS),
                               ("reference", REFERENCES)):
             if getattr(self, name) not in allowed:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from gdro_ray.cli import option
 from gdro_ray.data.prompts import PROMPT_SETS, PromptRecord, load_prompts, prompt_file_kind
 from gdro_ray.models import SamplerSettings, check_model_source
-from gdro_ray.rewards import DEFAULT_SPECS
+from gdro_ray.rewards import DEFAULT_SPECS, MIX, check_mix
 from gdro_ray.rewards.quality import QualityJudge
 from gdro_ray.rewards.vlm_judge import JUDGE_MODES
 
@@ -88,10 +88,16 @@ class ModelProfile:
             check_prompt_file(task, prompt_file)
         overrides = overrides or {}
         name = overrides.get("name", name)
+        if name == MIX:  # each part completed as a reward of its own
+            return {**check_mix(overrides), "parts": {label: self._full_spec(part.get("name", label), part)
+                                                      for label, part in overrides["parts"].items()}}
+        return self._full_spec(name, overrides)
+
+    def _full_spec(self, name: str, overrides: dict) -> dict:
         known = {**DEFAULT_SPECS, **self.rewards}
         if name not in known:
-            raise ValueError(f"no reward for {name!r}; known rewards: {sorted(known)}")
-        return {**known[name], **overrides}
+            raise ValueError(f"no reward for {name!r}; known rewards: {sorted(known)} and {MIX!r}")
+        return {**known[name], **overrides, "name": name}
 
 
 FLUX_PROFILE = ModelProfile(

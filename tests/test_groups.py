@@ -10,7 +10,8 @@ from gdro_ray.data.reference_cache import CACHE_COLUMNS, cache_identity, draw_no
 from gdro_ray.data.shards import shard_paths, write_shard
 from gdro_ray.models import SamplerSettings
 from gdro_ray.train.groups import (
-    TRAINING_COLUMNS, check_enough_groups, check_reference_cache, group_batch, ranked_prompt_ids, read_ranked_groups, training_columns,
+    TRAINING_COLUMNS, Ranking, check_enough_groups, check_reference_cache, group_batch, ranked_prompt_ids,
+    read_ranked_groups, resolve_ranking, training_columns,
 )
 
 
@@ -50,11 +51,12 @@ def test_the_training_reader_yields_the_ranked_groups_training_columns_only(tmp_
     write_shard([row("b", [0.3, 0.7])], tmp_path)
     ids, _ = ranked_prompt_ids(str(tmp_path), k=2)
     for reference in REFERENCES:
-        columns = training_columns(reference)
+        columns = training_columns(TrainConfig(reference=reference))
         tables = list(read_ranked_groups({"path": [str(path) for path in shard_paths(tmp_path)]}, ids, columns))
         assert sorted(pid for table in tables for pid in table.column("prompt_id").to_pylist()) == ["a", "b"]
         assert all(table.column_names == columns for table in tables)
-    assert training_columns("cached") == TRAINING_COLUMNS + CACHE_COLUMNS
+    assert training_columns(TrainConfig(reference="cached")) == TRAINING_COLUMNS + CACHE_COLUMNS
+    assert training_columns(TrainConfig(reward_weights={"a": 1})) == TRAINING_COLUMNS + ["reward_details"]
 
 
 def test_small_groups_are_padded_and_masked_and_draws_keep_member_rewards(tmp_path):
@@ -130,3 +132,41 @@ def test_a_cache_that_does_not_fit_the_run_is_refused(tmp_path):
         check_reference_cache(config("cached", model="other/flux"))
     with pytest.raises(ValueError, match="drew t with 'logit_normal', this run with --timesteps 'uniform'"):
         check_reference_cache(config("cached", timesteps="uniform"))
+
+
+def mixed_row(prompt_id, parts):
+    """A row scored with the mix {"ocr": 1, "pick": 0.1}: its stored rewards are that mix of its parts."""
+    rewards = [part["ocr"] + 0.1 * part["pick"] for part in parts]
+    return {**row(prompt_id, rewards), "reward_details": [json.dumps({"parts": part, "details": {}}) for part in parts]}
+
+
+MIX_SPEC = {"name": "mix", "parts": {"ocr": {"name": "ocr", "weight": 1.0}, "pick": {"name": "pickscore", "weight": 0.1}}}
+
+
+def test_a_mixed_reward_dataset_is_ranked_again_from_its_parts(tmp_path):
+    parts = [{"ocr": 1.0, "pick": 10.0}, {"ocr": 0.0, "pick": 30.0}, {"ocr": 0.5, "pick": 20.0}]
+    tied_parts = [{"ocr": 1.0, "pick": 10.0}, {"ocr": 0.0, "pick": 20.0}]  # the stored mix ties: 2.0 and 2.0
+    write_shard([mixed_row("a", parts), mixed_row("tie", tied_parts)], tmp_path)
+    write_manifest(tmp_path, {"model": "tiny", "revision": None, "reward": MIX_SPEC}, {}, complete=True)
+    assert ranked_prompt_ids(str(tmp_path), k=2)[0] == ["a"]
+    config = resolve_ranking(TrainConfig(data=str(tmp_path), k=2, reward_normalise=True))
+    assert config.reward_weights == {"ocr": 1.0, "pick": 0.1}  # the dataset's own mix
+    ranking = Ranking.of(config)
+    # Normalised over the group, ocr (+-1) outweighs pick (+-0.1): the tie is broken, "a" keeps its ranking.
+    assert sorted(ranked_prompt_ids(str(tmp_path), k=2, ranking=ranking)[0]) == ["a", "tie"]
+    assert ranking.rewards(mixed_row("tie", tied_parts)) == pytest.approx([0.9, -0.9])
+    by_pick = Ranking({"pick": 1.0})
+    batch = group_batch([mixed_row("a", parts)], k=3, generator=torch.Generator().manual_seed(0), ranking=by_pick)
+    assert sorted(batch.rewards[0].tolist()) == [10.0, 20.0, 30.0]  # each member keeps its own part's value
+
+
+def test_ranking_again_needs_a_mixed_dataset_and_its_parts(tmp_path):
+    write_shard([row("a", [0.1, 0.9])], tmp_path / "plain")
+    write_manifest(tmp_path / "plain", {"model": "tiny", "revision": None, "reward": {"name": "ocr"}}, {}, complete=True)
+    with pytest.raises(ValueError, match="was scored with 'ocr' alone"):
+        resolve_ranking(TrainConfig(data=str(tmp_path / "plain"), reward_weights={"ocr": 1.0}))
+    write_shard([mixed_row("a", [{"ocr": 1.0, "pick": 1.0}, {"ocr": 0.0, "pick": 2.0}])], tmp_path / "mixed")
+    write_manifest(tmp_path / "mixed", {"model": "tiny", "revision": None, "reward": MIX_SPEC}, {}, complete=True)
+    with pytest.raises(ValueError, match=r"names parts \['hps'\]; .* has parts \['ocr', 'pick'\]"):
+        resolve_ranking(TrainConfig(data=str(tmp_path / "mixed"), reward_weights={"hps": 1.0}))
+    assert resolve_ranking(TrainConfig(data=str(tmp_path / "plain"))).reward_weights is None  # nothing to resolve

@@ -8,8 +8,9 @@ import importlib
 
 from gdro_ray.rewards.base import Reward, RewardResult, score_safely
 from gdro_ray.rewards.geneval import DEFAULT_CLIP_ID, DEFAULT_DETECTOR_ID
+from gdro_ray.rewards.mixture import MIX
 
-__all__ = ["DEFAULT_SPECS", "Reward", "RewardResult", "build_reward", "score_safely"]
+__all__ = ["DEFAULT_SPECS", "MIX", "Reward", "RewardResult", "build_reward", "check_mix", "score_safely"]
 
 # The reward each prompt set is scored with, and its default options.
 DEFAULT_SPECS = {
@@ -29,6 +30,11 @@ def build_reward(spec: dict) -> Reward:
         from gdro_ray.rewards.ocr import OCRReward
 
         return OCRReward(**options)
+    if spec.get("name") == MIX:
+        from gdro_ray.rewards.mixture import MixedReward
+
+        return MixedReward({label: (build_reward({k: v for k, v in part.items() if k != "weight"}), part["weight"])
+                            for label, part in check_mix(spec)["parts"].items()})
     if spec.get("name") == "geneval":
         import torch
 
@@ -45,6 +51,17 @@ def build_reward(spec: dict) -> Reward:
         colors = None if clip_id is None else ClipColorClassifier.from_pretrained(clip_id, device=device)
         return GenEvalReward(detector, colors, **options)
     raise ValueError(f"unknown reward {spec.get('name')!r}; known rewards: {sorted(DEFAULT_SPECS)}")
+
+
+def check_mix(spec: dict) -> dict:
+    """A mix spec with at least one part, each part a reward spec with a numeric weight; returned as given."""
+    parts = spec.get("parts")
+    if not isinstance(parts, dict) or not parts:
+        raise ValueError(f'a "mix" reward needs "parts": {{LABEL: {{"name": REWARD, "weight": W, ...}}}}, got {parts!r}')
+    for label, part in parts.items():
+        if not isinstance(part, dict) or not isinstance(part.get("weight"), (int, float)) or part.get("name") == MIX:
+            raise ValueError(f"mix part {label!r} must be a reward spec (not a mix) with a numeric weight, got {part!r}")
+    return spec
 
 
 def _import_attribute(path: str):

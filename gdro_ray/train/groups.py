@@ -7,9 +7,14 @@ Documented behaviour for awkward data:
   is read (``ranked_prompt_ids``), and a dataset with none left is refused;
 - k larger than every group of the dataset is refused: lower k or generate more images per prompt;
 - an image whose reward could not be computed (None) is no member: a group counts its scored images only.
+
+A dataset scored with a mixed reward can be ranked again (``Ranking``): with other weights for its parts, or
+with each part normalised over its group, from the parts kept in every image's details.
 """
 
+import dataclasses
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +28,7 @@ from gdro_ray.data.records import tensor_from_bytes
 from gdro_ray.data.reference_cache import CACHE_COLUMNS, cached_draw
 from gdro_ray.data.shards import read_shards
 from gdro_ray.models.base import PromptEmbeddings, SamplerSettings
+from gdro_ray.rewards.mixture import MIX, mix_values
 from gdro_ray.train.step import GroupBatch
 
 TRAINING_COLUMNS = [
@@ -31,10 +37,57 @@ TRAINING_COLUMNS = [
 ]  # fmt: skip
 
 
-def ranked_prompt_ids(directory: str, k: int) -> tuple[list[str], dict]:
+@dataclass(frozen=True)
+class Ranking:
+    """The rewards each group is ranked by: the stored ones, or (weights given) a mixed reward's parts mixed
+    again with these weights, each part first normalised over its group if normalise."""
+
+    weights: dict[str, float] | None = None
+    normalise: bool = False
+
+    def __post_init__(self):
+        if self.normalise and self.weights is None:
+            raise ValueError("normalising a mixed reward's parts needs its weights (resolve_ranking gives them)")
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> "Ranking":
+        return cls(config.reward_weights, config.reward_normalise)
+
+    @property
+    def columns(self) -> list[str]:
+        return ["rewards"] + (["reward_details"] if self.weights is not None else [])
+
+    def rewards(self, row: dict) -> list[float | None]:
+        """One per member of the row; None for a member whose reward could not be computed."""
+        if self.weights is None:
+            return row["rewards"]
+        scored = [index for index, reward in enumerate(row["rewards"]) if reward is not None]
+        parts = [json.loads(row["reward_details"][index])["parts"] for index in scored]
+        mixed = dict(zip(scored, mix_values(parts, self.weights, self.normalise))) if scored else {}
+        return [mixed.get(index) for index in range(len(row["rewards"]))]
+
+
+def resolve_ranking(config: TrainConfig) -> TrainConfig:
+    """The config with the weights its ranking uses: --reward-weights, or with --reward-normalise alone the
+    dataset's own mix. Both need a dataset scored with a mixed reward."""
+    if config.reward_weights is None and not config.reward_normalise:
+        return config
+    spec = read_dataset_manifest(config.data)["identity"]["reward"]
+    if spec.get("name") != MIX:
+        raise ValueError(f"--reward-weights and --reward-normalise rank a mixed reward's parts again, but the dataset "
+                         f"in {config.data!r} was scored with {spec.get('name')!r} alone")
+    weights = config.reward_weights or {label: part["weight"] for label, part in spec["parts"].items()}
+    unknown = sorted(set(weights) - set(spec["parts"]))
+    if unknown:
+        raise ValueError(f"--reward-weights names parts {unknown}; the dataset in {config.data!r} has parts "
+                         f"{sorted(spec['parts'])}")
+    return dataclasses.replace(config, reward_weights=weights)
+
+
+def ranked_prompt_ids(directory: str, k: int, ranking: Ranking = Ranking()) -> tuple[list[str], dict]:
     """The groups worth training on, and counts of what was left out and why."""
-    table = read_shards(directory, columns=["prompt_id", "rewards"])
-    groups = [[r for r in rewards if r is not None] for rewards in table.column("rewards").to_pylist()]
+    table = read_shards(directory, columns=["prompt_id", *ranking.columns])
+    groups = [[r for r in ranking.rewards(row) if r is not None] for row in table.to_pylist()]
     sizes = [len(group) for group in groups]
     if k > max(sizes):
         raise ValueError(f"k={k} but the groups in {directory!r} hold at most {max(sizes)} scored images; "
@@ -49,9 +102,11 @@ def ranked_prompt_ids(directory: str, k: int) -> tuple[list[str], dict]:
     return ids, counts
 
 
-def training_columns(reference: str) -> list[str]:
-    """The columns training reads: the cache's too when it trains on the cached reference."""
-    return TRAINING_COLUMNS + (CACHE_COLUMNS if reference == "cached" else [])
+def training_columns(config: TrainConfig) -> list[str]:
+    """The columns training reads: the cache's too when it trains on the cached reference, the reward details
+    when it ranks a mixed reward's parts again."""
+    return TRAINING_COLUMNS + (CACHE_COLUMNS if config.reference == "cached" else []) + \
+        [column for column in Ranking.of(config).columns if column not in TRAINING_COLUMNS]
 
 
 def check_reference_cache(config: TrainConfig) -> None:
@@ -96,14 +151,16 @@ def check_enough_groups(ranked_groups: int, workers: int, groups_per_step: int) 
                          "groups per step, or generate more prompts")
 
 
-def group_batch(rows: list[dict], k: int, generator: torch.Generator, cached: bool = False) -> GroupBatch:
-    """Draw k scored members of each group (all of a smaller group, masked to k) into one GroupBatch; cached:
-    with one of each group's cached reference draws."""
+def group_batch(rows: list[dict], k: int, generator: torch.Generator, cached: bool = False,
+                ranking: Ranking = Ranking()) -> GroupBatch:
+    """Draw k scored members of each group (all of a smaller group, masked to k) into one GroupBatch, ranked by
+    ranking's rewards; cached: with one of each group's cached reference draws."""
     latents, rewards, masks, draws, references = [], [], [], [], []
     for row in rows:
-        scored = [index for index, reward in enumerate(row["rewards"]) if reward is not None]
+        row_rewards = ranking.rewards(row)
+        scored = [index for index, reward in enumerate(row_rewards) if reward is not None]
         members = tensor_from_bytes(row["latents"], row["latents_shape"], row["latents_dtype"])[scored]
-        group_rewards = torch.tensor([row["rewards"][index] for index in scored], dtype=torch.float32)
+        group_rewards = torch.tensor([row_rewards[index] for index in scored], dtype=torch.float32)
         pick = torch.randperm(len(scored), generator=generator)[:k]
         padding = k - len(pick)
         if cached:

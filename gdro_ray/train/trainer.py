@@ -23,7 +23,8 @@ from gdro_ray.console import StageConsole
 from gdro_ray.data.shards import shard_paths
 from gdro_ray.resource_plan import cluster_ready_for, read_capacity, training_plan, uses_gpus, worker_resources
 from gdro_ray.train.groups import (
-    check_enough_groups, check_reference_cache, ranked_prompt_ids, read_ranked_groups, training_columns,
+    Ranking, check_enough_groups, check_reference_cache, ranked_prompt_ids, read_ranked_groups, resolve_ranking,
+    training_columns,
 )
 from gdro_ray.train.worker import Evaluator, train_worker
 
@@ -35,11 +36,11 @@ def group_dataset(config: TrainConfig) -> tuple[ray.data.Dataset, dict]:
     whole CPU, which a cluster whose CPUs the workers hold never gets.
     """
     check_reference_cache(config)
-    ids, counts = ranked_prompt_ids(config.data, config.k)
+    ids, counts = ranked_prompt_ids(config.data, config.k, Ranking.of(config))
     check_enough_groups(len(ids), config.max_workers or config.num_workers, config.groups_per_step)
     shards = ray.data.from_items([{"path": str(path)} for path in shard_paths(config.data)])
     dataset = shards.map_batches(read_ranked_groups, batch_size=1, num_cpus=config.reader_cpus,
-                                 fn_kwargs={"prompt_ids": ids, "columns": training_columns(config.reference)})
+                                 fn_kwargs={"prompt_ids": ids, "columns": training_columns(config)})
     return dataset, counts
 
 
@@ -49,6 +50,7 @@ def run_training(config: TrainConfig, evaluator: Evaluator | None = None, callba
     join the RunConfig (a Tune trial passes TuneReportCallback); console: a progress bar and metric lines here
     (a sweep's trials have none). First makes sure the cluster holds the training plan
     (resource_plan.cluster_ready_for), unless told not to."""
+    config = resolve_ranking(config)
     dataset, counts = group_dataset(config)
     log(f"[train] dataset {config.data}: {json.dumps(counts)}")
     # Ray Data gets what the workers leave; capped at the reader's share, it never takes a CPU a worker was planned on.

@@ -32,7 +32,7 @@ from gdro_ray.console import StageProgress, quiet_libraries
 from gdro_ray.meter import ComputeMeter
 from gdro_ray.models import FlowModel, LoraSpec, load_flow_model
 from gdro_ray.profiles import profile_for
-from gdro_ray.train.groups import group_batch, training_columns
+from gdro_ray.train.groups import Ranking, group_batch, training_columns
 from gdro_ray.train.metrics import ranking_agreement
 from gdro_ray.train.step import GroupBatch, LossConfig, group_batch_loss
 from gdro_ray.train.strategies import DataParallelStrategy, DeepSpeedStrategy
@@ -240,7 +240,7 @@ REPLAY_LIMIT_BYTES = 2 * 2**30
 
 def _batches(shard, config: TrainConfig, generator: torch.Generator, replay_limit_bytes: int = REPLAY_LIMIT_BYTES):
     """Endless micro-batches of this worker's groups, epoch after epoch, in the first epoch's order."""
-    columns, cached = training_columns(config.reference), config.reference == "cached"
+    columns, cached, ranking = training_columns(config), config.reference == "cached", Ranking.of(config)
 
     def epoch():
         tables = shard.iter_batches(batch_size=config.groups_per_step, batch_format="pyarrow", drop_last=True)
@@ -251,11 +251,11 @@ def _batches(shard, config: TrainConfig, generator: torch.Generator, replay_limi
         kept_bytes += table.nbytes
         if kept_bytes <= replay_limit_bytes:
             kept.append(table)
-        yield group_batch(table.to_pylist(), config.k, generator, cached)
+        yield group_batch(table.to_pylist(), config.k, generator, cached, ranking)
     replay = kept_bytes <= replay_limit_bytes
     while True:
         for table in kept if replay else epoch():
-            yield group_batch(table.to_pylist(), config.k, generator, cached)
+            yield group_batch(table.to_pylist(), config.k, generator, cached, ranking)
 
 
 def _metered(run: WorkerRun) -> ComputeMeter:
