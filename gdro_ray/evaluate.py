@@ -111,6 +111,7 @@ class ImageScore:
     quality: float
     correct: bool | None = None  # GenEval's strict verdict on the image, for rewards that give one
     error: str = ""  # why no reward could be computed, if none was
+    parts: dict[str, float | None] | None = None  # a mixed reward's parts (gdro_ray.rewards.mixture)
 
 
 def generate_images(model: FlowModel, prompts: list[PromptRecord], seeds: list[list[int]], sampler: SamplerSettings,
@@ -141,7 +142,7 @@ def score_images(reward: Reward, judge: QualityJudge, prompts: list[PromptRecord
         for seed, result, rating in zip(prompt_seeds, rewards, ratings, strict=True):
             error = result.details.get("error", "") if result.reward is None else ""
             scores.append(ImageScore(prompt.prompt_id, prompt.prompt, tag, seed, result.reward, rating,
-                                     result.details.get("correct"), error))
+                                     result.details.get("correct"), error, result.details.get("parts")))
     return scores
 
 
@@ -162,7 +163,15 @@ def summarise(scores: list[ImageScore]) -> dict:
     if verdicts:  # images whose scoring failed have no verdict and stay out
         summary["geneval"] = {"overall": geneval_overall(verdicts), "per_tag": geneval_tag_accuracy(verdicts),
                               "images": len(verdicts)}
+    labels = _part_labels(scores)
+    if labels:  # a mixed reward: each part's mean beside the mix's, over the images where it was scored
+        values = {label: [s.parts[label] for s in scores if (s.parts or {}).get(label) is not None] for label in labels}
+        summary["parts"] = {label: _mean(scored) if scored else None for label, scored in values.items()}
     return summary
+
+
+def _part_labels(scores: list[ImageScore]) -> list[str]:
+    return list(dict.fromkeys(label for s in scores for label in (s.parts or {})))
 
 
 def paired_change(base: list[ImageScore], aligned: list[ImageScore]) -> dict:
@@ -184,10 +193,17 @@ def paired_change(base: list[ImageScore], aligned: list[ImageScore]) -> dict:
     scored = [(b, a) for b, a in pairs if b.reward is not None and a.reward is not None]  # both with a reward
     if len(scored) < 2:
         raise ValueError(f"a paired change needs at least 2 images scored on both sides, got {len(scored)}")
-    return {"reward": mean_and_error([a.reward - b.reward for b, a in scored]),
-            "quality": mean_and_error([a.quality - b.quality for b, a in pairs]),
-            "reward_changed": sum(a.reward != b.reward for b, a in scored), "images": len(pairs),
-            "reward_pairs": len(scored)}
+    change = {"reward": mean_and_error([a.reward - b.reward for b, a in scored]),
+              "quality": mean_and_error([a.quality - b.quality for b, a in pairs]),
+              "reward_changed": sum(a.reward != b.reward for b, a in scored), "images": len(pairs),
+              "reward_pairs": len(scored)}
+    labels = _part_labels(base + aligned)
+    for label in labels:  # each part of a mixed reward, over the pairs where both sides have it
+        differences = [a.parts[label] - b.parts[label] for b, a in pairs
+                       if None not in ((b.parts or {}).get(label), (a.parts or {}).get(label))]
+        if len(differences) >= 2:
+            change.setdefault("parts", {})[label] = mean_and_error(differences)
+    return change
 
 
 def mean_and_standard_error(values: list[float]) -> tuple[float, float | None]:
@@ -204,7 +220,10 @@ def write_results(directory: str | Path, name: str, scores: list[ImageScore], su
     directory.mkdir(parents=True, exist_ok=True)
     records = [asdict(s) for s in scores]
     (directory / f"{name}.json").write_text(json.dumps({"summary": summary, "images": records}, indent=2))
-    write_csv(records, directory / f"{name}.csv")
+    # The CSV has a column per part of a mixed reward.
+    write_csv([{**{k: v for k, v in record.items() if k != "parts"},
+                **{f"part_{label}": value for label, value in (record["parts"] or {}).items()}} for record in records],
+              directory / f"{name}.csv")
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:
@@ -254,6 +273,9 @@ def format_table(summary: dict) -> str:
     lines.append(f"change: reward {reward['mean']:+.3f} +- {reward['standard_error']:.3f}, quality "
                  f"{quality['mean']:+.2f} +- {quality['standard_error']:.2f} (paired over {change['images']} "
                  f"images, +- one standard error; {change['reward_changed']} changed reward)")
+    for label, part in change.get("parts", {}).items():
+        lines.append(f"  part {label}: {summary['base']['parts'][label]:.3f} -> {summary['aligned']['parts'][label]:.3f}"
+                     f", change {part['mean']:+.3f} +- {part['standard_error']:.3f}")
     judge = summary.get("judge")
     if judge:
         lines.append(f"judge: {judge['name']}" + (f"; {judge['unparsed']} answers held no rating and were rated 3"

@@ -1,6 +1,7 @@
 import csv
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from gdro_ray.evaluate import (
 from gdro_ray.generation import GenerationConfig
 from gdro_ray.models import SamplerSettings
 from gdro_ray.profiles import profile_for, quality_judge
+from gdro_ray.rewards import build_reward
 from gdro_ray.rewards.brightness import BrightnessReward
 from gdro_ray.tiny_world.judge import TinyWorldJudge
 
@@ -86,6 +88,29 @@ def test_paired_change_is_worked_out_by_hand():
         paired_change(base, aligned[:2])
     with pytest.raises(ValueError, match="at least 2 images"):
         paired_change(base[:1], aligned[:1])
+
+
+def test_every_part_of_a_mixed_reward_is_reported_beside_the_mix(tiny_flux, tmp_path):
+    prompts = profile_for("tiny").prompts("ocr", split="heldout", num_prompts=2, seed=0)
+    seeds = [[3, 4], [5, 6]]
+    images = generate_images(tiny_flux, prompts, seeds, SamplerSettings(32, 32, num_steps=2))
+    mix = build_reward(profile_for("tiny").reward_spec("ocr", None, {"name": "mix", "parts": {
+        "text": {"name": "ocr", "weight": 1.0}, "light": {"name": "brightness", "weight": 0.5}}}))
+    scores = score_images(mix, TinyWorldJudge(), prompts, seeds, images, task="ocr")
+    summary = summarise(scores)
+    for label, weight in (("text", 1.0), ("light", 0.5)):  # the mix's mean is the weighted parts' means
+        assert summary["parts"][label] == pytest.approx(sum(s.parts[label] for s in scores) / 4)
+    assert summary["reward"] == pytest.approx(summary["parts"]["text"] + 0.5 * summary["parts"]["light"])
+    write_results(tmp_path, "base", scores, summary)
+    with open(tmp_path / "base.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(row["part_light"]) for row in rows] == [s.parts["light"] for s in scores]
+    # Aligned by hand: the light part up by 0.1 on every image, text unchanged.
+    aligned = [replace(s, parts={**s.parts, "light": s.parts["light"] + 0.1}) for s in scores]
+    change = paired_change(scores, aligned)
+    assert change["parts"]["light"]["mean"] == pytest.approx(0.1) and change["parts"]["text"]["mean"] == 0
+    table = format_table({"base": summary, "aligned": summarise(aligned), "change": change})
+    assert f"part light: {summary['parts']['light']:.3f} -> {summary['parts']['light'] + 0.1:.3f}" in table
 
 
 def test_every_held_out_image_has_its_own_seed_and_a_prompt_keeps_its_seeds():
