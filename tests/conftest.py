@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 # Tests never touch the network: a hub lookup fails fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,7 +14,7 @@ torch.set_num_threads(2)
 
 from gdro_ray.models import FluxModel, SamplerSettings  # noqa: E402
 from gdro_ray.ray_session import init_ray  # noqa: E402
-from gdro_ray.tiny_world.model import TinyFluxConfig, build_tiny_flux_pipeline  # noqa: E402
+from gdro_ray.tiny_world.model import TinyFluxConfig, build_clip_tokenizer, build_tiny_flux_pipeline  # noqa: E402
 
 IMAGE_SIZE = TinyFluxConfig().image_size
 
@@ -59,3 +61,28 @@ def tiny_flux_dir(tmp_path_factory):
 def tiny_flux(tiny_flux_dir):
     """A fresh FluxModel on the tiny pipeline, loaded from disk (fp32, CPU)."""
     return FluxModel.from_pretrained(str(tiny_flux_dir), device="cpu")
+
+
+def tiny_clip_parts():
+    """A CLIP model of a few thousand random weights and its processor: the architecture of the CLIP rewards'."""
+    torch.manual_seed(0)
+    tokenizer = build_clip_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+        ),
+        projection_dim=8,
+    )
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return CLIPModel(config), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)

@@ -5,11 +5,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPConfig, CLIPModel, CLIPProcessor, RTDetrConfig, RTDetrForObjectDetection
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers import RTDetrConfig, RTDetrForObjectDetection
 from transformers.models.rt_detr.image_processing_pil_rt_detr import RTDetrImageProcessorPil
 
-from gdro_ray.tiny_world.model import build_clip_tokenizer
+from conftest import tiny_clip_parts
 from gdro_ray.rewards.base import score_safely
 from gdro_ray.rewards.geneval import (
     GENEVAL_CLASSES,
@@ -383,30 +382,6 @@ def tiny_detector_parts(labels=TINY_DETECTOR_LABELS):
         label2id={v: k for k, v in labels.items()},
     )
     return RTDetrForObjectDetection(config), RTDetrImageProcessorPil(size={"height": 64, "width": 64})
-
-
-def tiny_clip_parts():
-    torch.manual_seed(0)
-    tokenizer = build_clip_tokenizer()
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        vision_config=dict(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
-        ),
-        projection_dim=8,
-    )
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return CLIPModel(config), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,10 @@ DEFAULT_SPECS = {
     "ocr": {"name": "ocr", "engine": "rapidocr", "min_side": 256, "detection": "image"},
     "geneval": {"name": "geneval", "mode": "partial", "detector": DEFAULT_DETECTOR_ID, "clip": DEFAULT_CLIP_ID},
     "brightness": {"name": "brightness"},
+    # gdro_ray/rewards/clip_rewards.py: the checkpoints Flow-GRPO scores with
+    "clipscore": {"name": "clipscore", "model": "openai/clip-vit-large-patch14"},
+    "pickscore": {"name": "pickscore", "model": "yuvalkirstain/PickScore_v1",
+                  "processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"},
 }
 
 
@@ -30,6 +34,10 @@ def build_reward(spec: dict) -> Reward:
         from gdro_ray.rewards.ocr import OCRReward
 
         return OCRReward(**options)
+    if spec.get("name") in ("clipscore", "pickscore"):
+        from gdro_ray.rewards.clip_rewards import CLIPTextImageReward
+
+        return CLIPTextImageReward(spec["name"], **options)
     if spec.get("name") == MIX:
         from gdro_ray.rewards.mixture import MixedReward
 

@@ -13,6 +13,7 @@ from transformers import AutoImageProcessor, AutoModelForObjectDetection, AutoPr
 from gdro_ray.rewards.geneval import (
     DEFAULT_CLIP_ID, DEFAULT_DETECTOR_ID, GENEVAL_CLASSES, GENEVAL_COLORS, ColorClassifier, Detection, Detector,
 )
+from gdro_ray.rewards.loading import load_pretrained
 
 # GenEval's zero-shot colour prompts, and the grey ("#999") it pastes a masked object onto.
 COLOR_TEMPLATES = ("a photo of a {color} {label}", "a photo of a {color}-colored {label}", "a photo of a {color} object")
@@ -42,20 +43,6 @@ def geneval_class(label: str) -> str | None:
     return name if name in GENEVAL_CLASSES else None
 
 
-def _load(model_class, processor_class, source: str, revision: str | None):
-    """Model and processor from a local directory or a hub id; an error that names the source otherwise."""
-    options = {"trust_remote_code": False} | ({"revision": revision} if revision else {})
-    try:
-        model = model_class.from_pretrained(source, use_safetensors=True, **options)
-        processor = processor_class.from_pretrained(source, **options)
-    except OSError as error:
-        raise OSError(
-            f"could not load {source!r}: it is not a local model directory, and its hub copy is neither "
-            f"cached nor reachable (no network?), or has no safetensors weights: {error}"
-        ) from error
-    return model, processor
-
-
 class TransformersDetector(Detector):
     """A COCO detector from transformers' AutoModelForObjectDetection (RT-DETR, DETR, YOLOS, ...).
 
@@ -77,7 +64,7 @@ class TransformersDetector(Detector):
     def from_pretrained(
         cls, source: str = DEFAULT_DETECTOR_ID, device: str | torch.device = "cpu", revision: str | None = None
     ) -> "TransformersDetector":
-        return cls(*_load(AutoModelForObjectDetection, AutoImageProcessor, source, revision), device=device)
+        return cls(*load_pretrained(AutoModelForObjectDetection, AutoImageProcessor, source, revision), device=device)
 
     @torch.no_grad()
     def detect(self, image: Image.Image) -> list[Detection]:
@@ -125,7 +112,7 @@ class ClipColorClassifier(ColorClassifier):
     def from_pretrained(
         cls, source: str = DEFAULT_CLIP_ID, device: str | torch.device = "cpu", revision: str | None = None
     ) -> "ClipColorClassifier":
-        return cls(*_load(CLIPModel, AutoProcessor, source, revision), device=device)
+        return cls(*load_pretrained(CLIPModel, AutoProcessor, source, revision), device=device)
 
     @torch.no_grad()
     def classify(self, image: Image.Image, detections: list[Detection]) -> list[str]:

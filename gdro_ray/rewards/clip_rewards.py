@@ -1,0 +1,56 @@
+"""Text-image agreement through a CLIP model (transformers): CLIPScore and PickScore.
+
+Both embed the image and its prompt with a CLIP model and score their cosine similarity c:
+  clipscore   2.5 * max(c, 0)                 Hessel et al. 2021, on openai/clip-vit-large-patch14 (as Flow-GRPO)
+  pickscore   exp(logit_scale) * c            Kirstain et al. 2023, PickScore_v1 (a fine-tuned CLIP-H) with the
+                                              processor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K; about 18-24
+Weights load lazily (on load() or the first batch) as safetensors from a hub id or a local directory, on the GPU
+when the scoring actor has one, and images are scored batch_size at a time.
+"""
+
+import torch
+from PIL import Image
+from transformers import AutoProcessor, CLIPModel
+
+from gdro_ray.rewards.base import Reward, RewardResult
+from gdro_ray.rewards.loading import load_pretrained
+
+def clipscore(cosine: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    return 2.5 * cosine.clamp(min=0)
+
+
+def pickscore(cosine: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    return logit_scale.exp() * cosine
+
+
+SCORES = {"clipscore": clipscore, "pickscore": pickscore}
+
+
+class CLIPTextImageReward(Reward):
+    def __init__(self, name: str, model: str, processor: str | None = None, revision: str | None = None,
+                 batch_size: int = 16):
+        if name not in SCORES:
+            raise ValueError(f"unknown CLIP reward {name!r}; known: {sorted(SCORES)}")
+        self.name, self.source, self.processor_source, self.revision = name, model, processor, revision
+        self.batch_size = batch_size
+        self._model: CLIPModel | None = None
+
+    def load(self) -> None:
+        if self._model is None:
+            model, self._processor = load_pretrained(CLIPModel, AutoProcessor, self.source, self.revision,
+                                                     self.processor_source)
+            self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            self._model = model.to(self._device).eval()
+
+    @torch.no_grad()
+    def score(self, images: list[Image.Image], metadata: list[dict]) -> list[RewardResult]:
+        self.load()
+        values = []
+        for start in range(0, len(images), self.batch_size):
+            batch = [image.convert("RGB") for image in images[start:start + self.batch_size]]
+            prompts = [meta["prompt"] for meta in metadata[start:start + self.batch_size]]
+            inputs = self._processor(text=prompts, images=batch, return_tensors="pt", padding=True, truncation=True)
+            outputs = self._model(**inputs.to(self._device))
+            cosine = (outputs.image_embeds * outputs.text_embeds).sum(dim=-1)  # both unit vectors
+            values += SCORES[self.name](cosine.float(), self._model.logit_scale.float()).tolist()
+        return [RewardResult(value) for value in values]

@@ -1,0 +1,60 @@
+"""CLIPScore and PickScore on a tiny random CLIP, saved and loaded as a real checkpoint is."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_clip_parts
+from gdro_ray.profiles import profile_for
+from gdro_ray.rewards import build_reward, score_safely
+
+
+@pytest.fixture(scope="module")
+def saved_clip(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("clip")
+    model, processor = tiny_clip_parts()
+    model.save_pretrained(directory)  # safetensors
+    processor.save_pretrained(directory)
+    return directory
+
+
+def images(count):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+PROMPTS = [{"prompt": text} for text in ("a red square", "two blue circles", "a sign that says GDRO", "a cat")]
+
+
+@pytest.mark.parametrize("name", ["clipscore", "pickscore"])
+def test_scores_are_finite_and_batched_equals_one_by_one(saved_clip, name):
+    spec = profile_for("tiny").reward_spec("ocr", None, {"name": name, "model": str(saved_clip), "processor": None,
+                                                         "batch_size": 3})
+    reward = build_reward(spec)
+    reward.load()
+    batched = [result.reward for result in score_safely(reward, images(4), PROMPTS)]
+    single = [reward.score([image], [meta])[0].reward for image, meta in zip(images(4), PROMPTS)]
+    assert all(np.isfinite(batched)) and batched == pytest.approx(single, abs=1e-5)
+    assert len(set(np.round(batched, 6))) > 1  # prompts and images make a difference
+
+
+def test_the_scores_are_the_models_cosine_similarity(saved_clip):
+    model, processor = tiny_clip_parts()
+    inputs = processor(text=["a red square"], images=images(1), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        outputs = model(**inputs)
+    cosine = torch.nn.functional.cosine_similarity(outputs.image_embeds, outputs.text_embeds).item()
+    clip = build_reward({"name": "clipscore", "model": str(saved_clip)}).score(images(1), PROMPTS[:1])[0].reward
+    pick = build_reward({"name": "pickscore", "model": str(saved_clip)}).score(images(1), PROMPTS[:1])[0].reward
+    assert clip == pytest.approx(2.5 * max(cosine, 0), abs=1e-5)
+    assert pick == pytest.approx(model.logit_scale.exp().item() * cosine, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["clipscore", "pickscore"])
+def test_missing_weights_fail_at_load_naming_them(tmp_path, name):
+    spec = profile_for("tiny").reward_spec("ocr", None, {"name": name, "model": str(tmp_path / "no-such-clip")})
+    with pytest.raises(OSError, match="no-such-clip"):
+        build_reward(spec).load()
+    assert profile_for("tiny").reward_spec("ocr", None, {"name": "pickscore"})["processor"] == \
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
