@@ -15,7 +15,8 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from gdro_ray.profiles import quality_judge
+from gdro_ray.profiles import profile_for, quality_judge
+from gdro_ray.rewards import build_reward, score_safely
 from gdro_ray.rewards.vlm_judge import NEUTRAL_RATING, VLMJudge, parse_rating, parse_three_ratings
 
 # Qwen-style chat turns; an image is one <image> token, which the processor expands to the vision tower's patches.
@@ -165,3 +166,14 @@ def test_default_judge_builds_a_vlm_judge(tiny_vlm_dir):
     assert isinstance(judge, VLMJudge) and judge.source == str(tiny_vlm_dir)
     with pytest.raises(ValueError, match="not both"):
         quality_judge("tiny", judge_url="http://judge:8000/score", judge_model=str(tiny_vlm_dir))
+
+
+def test_the_judge_as_a_reward_gives_its_ratings_and_leaves_answers_without_one_unscored(tiny_vlm_dir):
+    reward = build_reward(profile_for("tiny").reward_spec("ocr", None, {"name": "vlm_judge", "model": str(tiny_vlm_dir)}))
+    reward.load()
+    results = score_safely(reward, IMAGES, METADATA)
+    answers = VLMJudge(str(tiny_vlm_dir), device="cpu").ask(IMAGES, METADATA)
+    for result, answer in zip(results, answers, strict=True):
+        assert result.details["answer"] == answer  # greedy: the judge's own answers
+        assert result.reward == parse_rating(answer)  # None where the random model's answer holds no rating
+        assert result.reward is not None or "held no rating" in result.details["error"]

@@ -21,6 +21,7 @@ DEFAULT_SPECS = {
     "clipscore": {"name": "clipscore", "model": "openai/clip-vit-large-patch14"},
     "pickscore": {"name": "pickscore", "model": "yuvalkirstain/PickScore_v1",
                   "processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"},
+    "vlm_judge": {"name": "vlm_judge", "model": "CodeGoat24/UnifiedReward-qwen-7b", "mode": "single"},
 }
 
 
@@ -38,6 +39,10 @@ def build_reward(spec: dict) -> Reward:
         from gdro_ray.rewards.clip_rewards import CLIPTextImageReward
 
         return CLIPTextImageReward(spec["name"], **options)
+    if spec.get("name") == "vlm_judge":
+        from gdro_ray.rewards.vlm_judge import VLMJudgeReward
+
+        return VLMJudgeReward(**options)
     if spec.get("name") == MIX:
         from gdro_ray.rewards.mixture import MixedReward
 

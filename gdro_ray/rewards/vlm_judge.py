@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from gdro_ray.rewards.base import Reward, RewardResult
 from gdro_ray.rewards.quality import QUALITY_SCALE, QualityJudge
 
 DEFAULT_JUDGE_ID = "CodeGoat24/UnifiedReward-qwen-7b"
@@ -138,7 +139,7 @@ class VLMJudge(QualityJudge):
     def rate(self, images: list[Image.Image], metadata: list[dict]) -> list[float]:
         ratings = []
         for answer in self.ask(images, metadata):
-            rating = self._rating(answer)
+            rating = self.rating_of(answer)
             if rating is None:
                 if self.unparsed == 0:
                     warnings.warn(f"judge {self.source!r} gave no rating, rated {NEUTRAL_RATING} instead: {answer!r}",
@@ -164,7 +165,8 @@ class VLMJudge(QualityJudge):
             answers += self.processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         return answers
 
-    def _rating(self, answer: str) -> float | None:
+    def rating_of(self, answer: str) -> float | None:
+        """The rating an answer gives in this judge's mode (three: their mean), None without one."""
         if self.mode == "single":
             return parse_rating(answer)
         ratings = parse_three_ratings(answer)
@@ -175,6 +177,29 @@ class VLMJudge(QualityJudge):
         content = [{"type": "image"}, {"type": "text", "text": question}]
         return self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                   add_generation_prompt=True)
+
+
+class VLMJudgeReward(Reward):
+    """The judge's 1-5 rating as a reward (alone, or a part of a mix against a task reward's hacking). An answer
+    without a rating leaves its image unscored, with the answer in its details: unlike an evaluation's judge,
+    a reward may not invent a neutral rating that would rank the image among the others."""
+
+    name = "vlm_judge"
+
+    def __init__(self, model: str = DEFAULT_JUDGE_ID, mode: str = "single", batch_size: int = 8,
+                 max_new_tokens: int | None = None):
+        self.judge = VLMJudge(model, batch_size=batch_size, max_new_tokens=max_new_tokens, mode=mode)
+
+    def load(self) -> None:
+        self.judge.load()
+
+    def score(self, images: list[Image.Image], metadata: list[dict]) -> list[RewardResult]:
+        results = []
+        for answer in self.judge.ask(images, metadata):
+            rating = self.judge.rating_of(answer)
+            results.append(RewardResult(rating, {"answer": answer}) if rating is not None else
+                           RewardResult(None, {"answer": answer, "error": "the judge's answer held no rating"}))
+        return results
 
 
 def _looks_like_path(source: str) -> bool:
