@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from conftest import tiny_clip_parts
 from gdro_ray.profiles import profile_for
@@ -58,3 +59,41 @@ def test_missing_weights_fail_at_load_naming_them(tmp_path, name):
         build_reward(spec).load()
     assert profile_for("tiny").reward_spec("ocr", None, {"name": "pickscore"})["processor"] == \
         "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+
+@pytest.fixture(scope="module")
+def aesthetic_head(tmp_path_factory):
+    """The predictor's MLP at the tiny CLIP's embedding width, random, in the published state dict's layout."""
+    generator = torch.Generator().manual_seed(0)
+    widths = (8, 1024, 128, 64, 16, 1)
+    weights = {}
+    for index, (inputs, outputs) in zip((0, 2, 4, 6, 7), zip(widths, widths[1:])):
+        weights[f"layers.{index}.weight"] = torch.randn(outputs, inputs, generator=generator) / inputs**0.5
+        weights[f"layers.{index}.bias"] = torch.randn(outputs, generator=generator)
+    path = tmp_path_factory.mktemp("aesthetic") / "head.safetensors"
+    save_file(weights, path)
+    return path, weights
+
+
+def test_the_aesthetic_score_is_the_mlp_on_the_unit_image_embedding(saved_clip, aesthetic_head):
+    path, weights = aesthetic_head
+    reward = build_reward(profile_for("tiny").reward_spec("ocr", None, {"name": "aesthetic", "model": str(saved_clip),
+                                                                        "head": str(path), "batch_size": 3}))
+    scores = [result.reward for result in score_safely(reward, images(4), PROMPTS)]
+    assert scores == pytest.approx([reward.score([image], [meta])[0].reward for image, meta in zip(images(4), PROMPTS)],
+                                   abs=1e-4)
+    model, processor = tiny_clip_parts()  # by hand: the same CLIP, the head's five linear layers
+    with torch.no_grad():
+        hidden = model.get_image_features(**processor(images=images(1), return_tensors="pt")).pooler_output
+        hidden = torch.nn.functional.normalize(hidden, dim=-1)
+        for index in (0, 2, 4, 6, 7):
+            hidden = hidden @ weights[f"layers.{index}.weight"].T + weights[f"layers.{index}.bias"]
+    assert scores[0] == pytest.approx(hidden.item(), abs=1e-4)
+
+
+def test_an_aesthetic_head_missing_or_of_another_layout_is_named(saved_clip, aesthetic_head, tmp_path):
+    with pytest.raises(FileNotFoundError, match="aesthetic head None does not exist"):
+        build_reward(profile_for("tiny").reward_spec("ocr", None, {"name": "aesthetic", "model": str(saved_clip)})).load()
+    save_file({"linear.weight": torch.zeros(1, 8)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match=r"holds \['linear.weight'\], expected"):
+        build_reward({"name": "aesthetic", "model": str(saved_clip), "head": str(tmp_path / "other.safetensors")}).load()

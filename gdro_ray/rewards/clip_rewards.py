@@ -1,15 +1,22 @@
-"""Text-image agreement through a CLIP model (transformers): CLIPScore and PickScore.
+"""Rewards on a CLIP model (transformers): CLIPScore and PickScore (text-image agreement), and the LAION
+aesthetic predictor (an MLP on the image embedding alone).
 
 Both embed the image and its prompt with a CLIP model and score their cosine similarity c:
   clipscore   2.5 * max(c, 0)                 Hessel et al. 2021, on openai/clip-vit-large-patch14 (as Flow-GRPO)
   pickscore   exp(logit_scale) * c            Kirstain et al. 2023, PickScore_v1 (a fine-tuned CLIP-H) with the
                                               processor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K; about 18-24
+  aesthetic   LAION's improved aesthetic predictor (sac+logos+ava1-l14-linearMSE) on CLIP ViT-L/14's unit image
+              embedding, about 1-10; its head is published as a pickle (.pth), so it is given here as a
+              safetensors file converted from it (README)
 Weights load lazily (on load() or the first batch) as safetensors from a hub id or a local directory, on the GPU
 when the scoring actor has one, and images are scored batch_size at a time.
 """
 
+from pathlib import Path
+
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import AutoProcessor, CLIPModel
 
 from gdro_ray.rewards.base import Reward, RewardResult
@@ -53,4 +60,46 @@ class CLIPTextImageReward(Reward):
             outputs = self._model(**inputs.to(self._device))
             cosine = (outputs.image_embeds * outputs.text_embeds).sum(dim=-1)  # both unit vectors
             values += SCORES[self.name](cosine.float(), self._model.logit_scale.float()).tolist()
+        return [RewardResult(value) for value in values]
+
+
+# The predictor's MLP (Linear, Dropout, ...): the indices of its linear layers in its published state dict.
+AESTHETIC_LAYERS = (0, 2, 4, 6, 7)
+
+
+class AestheticReward(Reward):
+    name = "aesthetic"
+
+    def __init__(self, model: str, head: str | None, revision: str | None = None, batch_size: int = 16):
+        self.source, self.head_path, self.revision, self.batch_size = model, head, revision, batch_size
+        self._model: CLIPModel | None = None
+
+    def load(self) -> None:
+        if self._model is not None:
+            return
+        if self.head_path is None or not Path(self.head_path).is_file():
+            raise FileNotFoundError(f"aesthetic head {self.head_path!r} does not exist: expected a safetensors file "
+                                    "of the predictor's MLP (README: how to convert the published .pth)")
+        weights = load_file(self.head_path)
+        expected = {f"layers.{index}.{kind}" for index in AESTHETIC_LAYERS for kind in ("weight", "bias")}
+        if set(weights) != expected:
+            raise ValueError(f"aesthetic head {self.head_path!r} holds {sorted(weights)}, expected {sorted(expected)}")
+        model, self._processor = load_pretrained(CLIPModel, AutoProcessor, self.source, self.revision)
+        self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self._model = model.to(self._device).eval()
+        self._head = [(weights[f"layers.{i}.weight"].to(self._device), weights[f"layers.{i}.bias"].to(self._device))
+                      for i in AESTHETIC_LAYERS]
+
+    @torch.no_grad()
+    def score(self, images: list[Image.Image], metadata: list[dict]) -> list[RewardResult]:
+        self.load()
+        values = []
+        for start in range(0, len(images), self.batch_size):
+            batch = [image.convert("RGB") for image in images[start:start + self.batch_size]]
+            pixels = self._processor(images=batch, return_tensors="pt")["pixel_values"].to(self._device)
+            hidden = torch.nn.functional.normalize(self._model.get_image_features(pixel_values=pixels).pooler_output
+                                                   .float(), dim=-1)
+            for weight, bias in self._head:  # dropout is off at inference: the MLP is its linear layers
+                hidden = torch.nn.functional.linear(hidden, weight.float(), bias.float())
+            values += hidden.squeeze(-1).tolist()
         return [RewardResult(value) for value in values]
