@@ -3,7 +3,8 @@
 A run directory of the align job (offline, GDRO) or of the online job (Flow-GRPO) holds all it needs: the
 held-out evaluations during training and the compute meter's running totals in RUN/train/tensorboard (a report
 comes at every evaluation step), the group dataset's cost in RUN/groups/manifest.json (offline only: spent
-before step 0), and the final evaluation in RUN/summary.json.
+before step 0), and the final evaluation in RUN/summary.json. A run of the compare job (COMPARE/runs/NAME) reads
+its shared dataset's cost in COMPARE/groups and its final evaluation in its result.json.
 """
 
 import json
@@ -36,10 +37,12 @@ class ComputeCurve:
         if "eval/reward" not in scalars or "train/compute_forward_passes" not in scalars:
             raise ValueError(f"{str(run)!r} has no held-out evaluations or no compute meter in its TensorBoard log")
         spent = {"forward_passes": 0.0, "seconds": 0.0}
-        if (run / "groups").is_dir():
-            generation = read_dataset_manifest(run / "groups")["counts"].get("compute")
+        compared = (run / "result.json").is_file()  # a run of the compare job, on its shared dataset
+        groups = run.parent.parent / "groups" if compared else run / "groups"
+        if groups.is_dir():
+            generation = read_dataset_manifest(groups)["counts"].get("compute")
             if generation is None:
-                raise ValueError(f"the dataset in {str(run / 'groups')!r} was made before the compute meter")
+                raise ValueError(f"the dataset in {str(groups)!r} was made before the compute meter")
             spent = {"forward_passes": generation["forward_passes"], "seconds": sum(generation["seconds"].values())}
         forwards = {0: 0.0, **dict(zip(*scalars["train/compute_forward_passes"]))}
         seconds = {0: 0.0}
@@ -49,7 +52,8 @@ class ComputeCurve:
                     seconds[step] = seconds.get(step, 0.0) + value
         steps = [step for step in scalars["eval/reward"][0] if step in forwards]
         reward, quality, corrected = (dict(zip(*scalars[f"eval/{name}"])) for name in CURVES)
-        final = json.loads((run / "summary.json").read_text())["aligned"]
+        final = json.loads((run / "result.json").read_text()) if compared else \
+            json.loads((run / "summary.json").read_text())["aligned"]
         return cls(steps, [spent["forward_passes"] + forwards[s] for s in steps],
                    [spent["seconds"] + seconds[s] for s in steps], [reward[s] for s in steps],
                    [quality[s] for s in steps], [corrected[s] for s in steps],

@@ -5,6 +5,8 @@
     python jobs/compute_report.py --method gdro runs/ocr-gdro-0 runs/ocr-gdro-1 \\
         --method flow-grpo runs/ocr-grpo-0 runs/ocr-grpo-1 --out runs/ocr-compute
 
+A run of the compare job (runs/compare-TASK/runs/NAME) is a run directory too.
+
 Writes OUT/compute.png (held-out reward, judge rating and corrected score against transformer forward passes and
 wall seconds, the mean over each method's runs) and OUT/compute.md (final scores with standard errors, total
 compute, and the share of each other method's compute the first method needed to reach its last held-out reward).
@@ -18,7 +20,7 @@ from gdro_ray.compute_report import compute_report
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", nargs="+", action="append", required=True, metavar=("NAME", "RUN"),
-                        help="a method's name and its run directories (align or online jobs); the first is measured "
+                        help="a method's name and its run directories (align, compare or online jobs); the first is measured "
                              "against the others")
     parser.add_argument("--out", required=True, help="where compute.png and compute.md go")
     parser.add_argument("--title", default="", help="the picture's title")

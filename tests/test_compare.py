@@ -6,6 +6,7 @@ import json
 import pytest
 
 from gdro_ray.compare import CompareSettings, RunSpec, parse_grid, plan_runs, results_table
+from gdro_ray.compute_report import ComputeCurve
 from gdro_ray.config import TrainConfig
 from test_align import SMALL
 
@@ -72,6 +73,11 @@ def test_a_small_comparison_shares_its_data_and_reads_finished_runs_back(local_r
     # unless the run reads the cached one
     assert [int(row["train_forward_passes"]) for row in table] == [4 * 2 * 3 * 4, 4 * 2 * 2 * 4, 4 * 2 * 3 * 3]
     assert (out / "curves-dgpo.png").is_file() and "| dgpo | k=2 | 1 |" in (out / "results.md").read_text()
+    # A compare run against compute: its shared dataset's cost (with the cache's forwards) before step 0.
+    curve = ComputeCurve.of_run(out / "runs/dgpo-referencecached-seed0")
+    generation = json.loads((out / "groups/manifest.json").read_text())["counts"]["compute"]["forward_passes"]
+    assert curve.forward_passes[0] == generation and curve.forward_passes[-1] == generation + 4 * 2 * 3 * 3
+    assert curve.final["reward"] == rows[2]["reward"]
 
 
 
