@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from conftest import tiny_clip_parts
 from gdro_ray.profiles import profile_for
-from gdro_ray.rewards import build_reward, score_safely
+from gdro_ray.rewards import build_reward, open_clip_weights, score_safely
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +97,52 @@ def test_an_aesthetic_head_missing_or_of_another_layout_is_named(saved_clip, aes
     save_file({"linear.weight": torch.zeros(1, 8)}, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match=r"holds \['linear.weight'\], expected"):
         build_reward({"name": "aesthetic", "model": str(saved_clip), "head": str(tmp_path / "other.safetensors")}).load()
+
+
+def open_clip_names(model) -> dict:
+    """A transformers CLIP's tensors under OpenCLIP's names (the layout HPSv2.1 ships in), by hand."""
+    state, named = model.state_dict(), {}
+    for tower, prefix in (("text_model", ""), ("vision_model", "visual.")):
+        config = getattr(model.config, "text_config" if tower == "text_model" else "vision_config")
+        for index in range(config.num_hidden_layers):
+            layer, block = f"{tower}.encoder.layers.{index}", f"{prefix}transformer.resblocks.{index}"
+            for kind in ("weight", "bias"):
+                named[f"{block}.attn.in_proj_{kind}"] = torch.cat(
+                    [state[f"{layer}.self_attn.{p}_proj.{kind}"] for p in "qkv"])
+                for ours, theirs in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("self_attn.out_proj",
+                                     "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                    named[f"{block}.{theirs}.{kind}"] = state[f"{layer}.{ours}.{kind}"]
+    named |= {"token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
+              "positional_embedding": state["text_model.embeddings.position_embedding.weight"],
+              "ln_final.weight": state["text_model.final_layer_norm.weight"],
+              "ln_final.bias": state["text_model.final_layer_norm.bias"],
+              "text_projection": state["text_projection.weight"].T, "logit_scale": state["logit_scale"],
+              "visual.class_embedding": state["vision_model.embeddings.class_embedding"],
+              "visual.positional_embedding": state["vision_model.embeddings.position_embedding.weight"],
+              "visual.conv1.weight": state["vision_model.embeddings.patch_embedding.weight"],
+              "visual.ln_pre.weight": state["vision_model.pre_layrnorm.weight"],
+              "visual.ln_pre.bias": state["vision_model.pre_layrnorm.bias"],
+              "visual.ln_post.weight": state["vision_model.post_layernorm.weight"],
+              "visual.ln_post.bias": state["vision_model.post_layernorm.bias"],
+              "visual.proj": state["visual_projection.weight"].T}
+    return named
+
+
+def test_an_open_clip_checkpoint_converts_to_the_hpsv2_reward(saved_clip, tmp_path):
+    model, processor = tiny_clip_parts()
+    checkpoint = tmp_path / "hps.pt"
+    torch.save({"state_dict": {f"module.{name}": tensor for name, tensor in open_clip_names(model).items()}},
+               checkpoint)
+    assert open_clip_weights.main([str(checkpoint), "--config", str(saved_clip), "--out", str(tmp_path / "hps")]) \
+        is None
+    reward = build_reward(profile_for("tiny").reward_spec("ocr", None, {"name": "hpsv2", "model": str(tmp_path / "hps"),
+                                                                        "processor": None}))
+    inputs = processor(text=["a red square"], images=images(1), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        outputs = model(**inputs)
+    cosine = torch.nn.functional.cosine_similarity(outputs.image_embeds, outputs.text_embeds).item()
+    assert reward.score(images(1), PROMPTS[:1])[0].reward == pytest.approx(cosine, abs=1e-5)
+    with pytest.raises(ValueError, match='the hpsv2 reward needs "model"'):
+        build_reward(profile_for("tiny").reward_spec("ocr", None, {"name": "hpsv2"})).load()
+    with pytest.raises(ValueError, match="'visual.extra' has no place"):
+        open_clip_weights.open_clip_to_transformers({"visual.extra": torch.zeros(1)})

@@ -21,6 +21,7 @@ DEFAULT_SPECS = {
     "clipscore": {"name": "clipscore", "model": "openai/clip-vit-large-patch14"},
     "pickscore": {"name": "pickscore", "model": "yuvalkirstain/PickScore_v1",
                   "processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"},
+    "hpsv2": {"name": "hpsv2", "model": None, "processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"},
     "aesthetic": {"name": "aesthetic", "model": "openai/clip-vit-large-patch14", "head": None},
     "vlm_judge": {"name": "vlm_judge", "model": "CodeGoat24/UnifiedReward-qwen-7b", "mode": "single"},
 }
@@ -36,7 +37,7 @@ def build_reward(spec: dict) -> Reward:
         from gdro_ray.rewards.ocr import OCRReward
 
         return OCRReward(**options)
-    if spec.get("name") in ("clipscore", "pickscore"):
+    if spec.get("name") in ("clipscore", "pickscore", "hpsv2"):
         from gdro_ray.rewards.clip_rewards import CLIPTextImageReward
 
         return CLIPTextImageReward(spec["name"], **options)

@@ -5,6 +5,9 @@ Both embed the image and its prompt with a CLIP model and score their cosine sim
   clipscore   2.5 * max(c, 0)                 Hessel et al. 2021, on openai/clip-vit-large-patch14 (as Flow-GRPO)
   pickscore   exp(logit_scale) * c            Kirstain et al. 2023, PickScore_v1 (a fine-tuned CLIP-H) with the
                                               processor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K; about 18-24
+  hpsv2       c                               HPSv2.1 (Wu et al. 2023), an OpenCLIP ViT-H-14 fine-tuned on human
+                                              preferences, converted once to transformers' layout
+                                              (gdro_ray/rewards/open_clip_weights.py); about 0.25-0.35
   aesthetic   LAION's improved aesthetic predictor (sac+logos+ava1-l14-linearMSE) on CLIP ViT-L/14's unit image
               embedding, about 1-10; its head is published as a pickle (.pth), so it is given here as a
               safetensors file converted from it (README)
@@ -30,11 +33,15 @@ def pickscore(cosine: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     return logit_scale.exp() * cosine
 
 
-SCORES = {"clipscore": clipscore, "pickscore": pickscore}
+def hpsv2(cosine: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    return cosine
+
+
+SCORES = {"clipscore": clipscore, "pickscore": pickscore, "hpsv2": hpsv2}
 
 
 class CLIPTextImageReward(Reward):
-    def __init__(self, name: str, model: str, processor: str | None = None, revision: str | None = None,
+    def __init__(self, name: str, model: str | None, processor: str | None = None, revision: str | None = None,
                  batch_size: int = 16):
         if name not in SCORES:
             raise ValueError(f"unknown CLIP reward {name!r}; known: {sorted(SCORES)}")
@@ -44,6 +51,9 @@ class CLIPTextImageReward(Reward):
 
     def load(self) -> None:
         if self._model is None:
+            if self.source is None:
+                raise ValueError(f"the {self.name} reward needs \"model\": its weights as a transformers CLIP directory "
+                                 "(HPSv2.1: python -m gdro_ray.rewards.open_clip_weights, see its help)")
             model, self._processor = load_pretrained(CLIPModel, AutoProcessor, self.source, self.revision,
                                                      self.processor_source)
             self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
