@@ -22,6 +22,7 @@ DEFAULT_SPECS = {
     "pickscore": {"name": "pickscore", "model": "yuvalkirstain/PickScore_v1",
                   "processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"},
     "hpsv2": {"name": "hpsv2", "model": None, "processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"},
+    "imagereward": {"name": "imagereward", "model": None},
     "aesthetic": {"name": "aesthetic", "model": "openai/clip-vit-large-patch14", "head": None},
     "vlm_judge": {"name": "vlm_judge", "model": "CodeGoat24/UnifiedReward-qwen-7b", "mode": "single"},
 }
@@ -41,6 +42,10 @@ def build_reward(spec: dict) -> Reward:
         from gdro_ray.rewards.clip_rewards import CLIPTextImageReward
 
         return CLIPTextImageReward(spec["name"], **options)
+    if spec.get("name") == "imagereward":
+        from gdro_ray.rewards.image_reward import ImageRewardScore
+
+        return ImageRewardScore(**options)
     if spec.get("name") == "aesthetic":
         from gdro_ray.rewards.clip_rewards import AestheticReward
 

@@ -1,4 +1,9 @@
-"""Reward models from a local directory or a hub id: safetensors weights only, never remote code."""
+"""Reward models from a local directory or a hub id: safetensors weights only, never remote code; and the
+tensors of a published pickle, read once for conversion without running any of its code."""
+
+from pathlib import Path
+
+import torch
 
 
 def load_pretrained(model_class, processor_class, source: str, revision: str | None = None,
@@ -18,3 +23,10 @@ def load_pretrained(model_class, processor_class, source: str, revision: str | N
             f"cached nor reachable (no network?), or has no safetensors weights: {error}"
         ) from error
     return model, processor
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .pt/.pth checkpoint (its "state_dict" when it has one), read without running any of its
+    code."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    return checkpoint.get("state_dict", checkpoint)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from gdro_ray.rewards.loading import read_checkpoint
+
 # OpenCLIP name -> transformers name, for the parts outside the residual blocks; "x.T" means the transpose.
 _OUTSIDE = {
     "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
@@ -68,13 +70,6 @@ def open_clip_to_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch
         else:
             raise ValueError(f"OpenCLIP tensor {name!r} has no place in transformers' CLIPModel")
     return converted
-
-
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a .pt/.pth checkpoint (its "state_dict" when it has one), read without running any of its
-    code."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    return checkpoint.get("state_dict", checkpoint)
 
 
 def convert(checkpoint: str | Path, config: str, out: str | Path) -> Path:
