@@ -4,6 +4,7 @@ import signal
 import threading
 import time
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -17,6 +18,7 @@ from gdro_ray.generation import GenerationConfig, generate_groups
 from gdro_ray.models import FluxModel
 from gdro_ray.plots import read_scalars
 from gdro_ray.ray_session import init_ray
+from gdro_ray.train.groups import Ranking
 from gdro_ray.train.trainer import run_training
 
 TRAIN_DEFAULTS = dict(task="ocr", k=4, steps=4, groups_per_step=2, lr=3e-3, lora_rank=4, lora_alpha=4.0,
@@ -35,10 +37,11 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def groups(ray_cluster, tmp_path_factory, tiny_flux_dir):
-    """Groups of a random tiny FLUX scored by brightness, with a reference cache, plus one group of 3 (smaller than k)
-    and one tie. Training reads the model from the dataset's manifest (train_config)."""
+    """Groups of a random tiny FLUX scored by brightness (a mix of two brightness parts), with a reference cache, plus
+    one group of 3 (smaller than k) and one tie. Training reads the model from the dataset's manifest
+    (train_config)."""
     out = tmp_path_factory.mktemp("groups")
-    config = GenerationConfig(task="ocr", model=str(tiny_flux_dir), reward={"name": "brightness"}, num_prompts=6,
+    config = GenerationConfig(task="ocr", model=str(tiny_flux_dir), reward=BRIGHTNESS_MIX, num_prompts=6,
                               k=6, sampler=sampler(4), reference_draws=2, out=str(out))
     generate_groups(config, progress=False)
     row = read_shards(out).to_pylist()[0]
@@ -49,6 +52,11 @@ def groups(ray_cluster, tmp_path_factory, tiny_flux_dir):
     tied = {**row, "prompt_id": "tied-group", "rewards": [0.5] * 6}
     write_shard([small, tied], out)
     return out
+
+
+# A mixed reward (its two parts both brightness), so that training can weigh the parts again.
+BRIGHTNESS_MIX = {"name": "mix", "parts": {"light": {"name": "brightness", "weight": 1.0},
+                                           "light_again": {"name": "brightness", "weight": 0.5}}}
 
 
 def train_config(groups, tmp_path, **overrides) -> TrainConfig:
@@ -135,6 +143,18 @@ def test_the_cached_reference_trains_without_the_reference_forward(groups, tmp_p
     assert result.error is None and result.metrics["step"] == 2 and math.isfinite(result.metrics["loss"])
     # Per member and step: the policy's forward and its backward (2 forwards); live would add the reference's.
     assert result.metrics["compute_forward_passes"] == 2 * config.groups_per_step * config.k * 3
+
+
+def test_a_mixed_reward_dataset_trains_on_its_parts_weighed_again(groups, tmp_path):
+    # Weighed -1, the brightness part ranks every group the other way round: darker is better.
+    config = train_config(groups, tmp_path, name="reweighed", reward_weights={"light": -1.0}, reward_normalise=True,
+                          steps=2, strategy="ddp", num_workers=1)
+    result = run_training(config)
+    assert result.error is None and result.metrics["step"] == 2 and math.isfinite(result.metrics["loss"])
+    assert read_yaml(config.run_directory / "lora" / "config.yaml")["reward_weights"] == {"light": -1.0}
+    row = next(row for row in read_shards(groups).to_pylist() if len(set(row["rewards"])) == len(row["rewards"]))
+    reversed_ranking = Ranking({"light": -1.0}, normalise=True).rewards(row)
+    assert np.argsort(reversed_ranking).tolist() == np.argsort(row["rewards"])[::-1].tolist()
 
 
 def ray_train_worker_processes():
