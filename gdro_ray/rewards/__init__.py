@@ -28,32 +28,23 @@ DEFAULT_SPECS = {
 }
 
 
+# Built by name, each imported only when built: reading a spec imports no model library.
+REWARD_CLASSES = {
+    "brightness": "gdro_ray.rewards.brightness:BrightnessReward",
+    "ocr": "gdro_ray.rewards.ocr:OCRReward",
+    "clipscore": "gdro_ray.rewards.clip_rewards:CLIPScore",
+    "pickscore": "gdro_ray.rewards.clip_rewards:PickScore",
+    "hpsv2": "gdro_ray.rewards.clip_rewards:HPSv2",
+    "imagereward": "gdro_ray.rewards.image_reward:ImageRewardScore",
+    "aesthetic": "gdro_ray.rewards.clip_rewards:AestheticReward",
+    "vlm_judge": "gdro_ray.rewards.vlm_judge:VLMJudgeReward",
+}
+
+
 def build_reward(spec: dict) -> Reward:
     options = {key: value for key, value in spec.items() if key != "name"}
-    if spec.get("name") == "brightness":
-        from gdro_ray.rewards.brightness import BrightnessReward
-
-        return BrightnessReward()
-    if spec.get("name") == "ocr":
-        from gdro_ray.rewards.ocr import OCRReward
-
-        return OCRReward(**options)
-    if spec.get("name") in ("clipscore", "pickscore", "hpsv2"):
-        from gdro_ray.rewards.clip_rewards import CLIPTextImageReward
-
-        return CLIPTextImageReward(spec["name"], **options)
-    if spec.get("name") == "imagereward":
-        from gdro_ray.rewards.image_reward import ImageRewardScore
-
-        return ImageRewardScore(**options)
-    if spec.get("name") == "aesthetic":
-        from gdro_ray.rewards.clip_rewards import AestheticReward
-
-        return AestheticReward(**options)
-    if spec.get("name") == "vlm_judge":
-        from gdro_ray.rewards.vlm_judge import VLMJudgeReward
-
-        return VLMJudgeReward(**options)
+    if spec.get("name") in REWARD_CLASSES:
+        return _import_attribute(REWARD_CLASSES[spec["name"]])(**options)
     if spec.get("name") == MIX:
         from gdro_ray.rewards.mixture import MixedReward
 
@@ -93,4 +84,4 @@ def _import_attribute(path: str):
     try:
         return getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"reward detector {path!r} names no importable 'module:Class' ({error})") from error
+        raise ValueError(f"{path!r} names no importable 'module:Class' ({error})") from error

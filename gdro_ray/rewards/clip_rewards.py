@@ -25,29 +25,17 @@ from transformers import AutoProcessor, CLIPModel
 from gdro_ray.rewards.base import Reward, RewardResult
 from gdro_ray.rewards.loading import load_pretrained
 
-def clipscore(cosine: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    return 2.5 * cosine.clamp(min=0)
-
-
-def pickscore(cosine: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    return logit_scale.exp() * cosine
-
-
-def hpsv2(cosine: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    return cosine
-
-
-SCORES = {"clipscore": clipscore, "pickscore": pickscore, "hpsv2": hpsv2}
-
 
 class CLIPTextImageReward(Reward):
-    def __init__(self, name: str, model: str | None, processor: str | None = None, revision: str | None = None,
+    """Embeds each image and its prompt; a subclass says how their cosine becomes the reward."""
+
+    def __init__(self, model: str | None, processor: str | None = None, revision: str | None = None,
                  batch_size: int = 16):
-        if name not in SCORES:
-            raise ValueError(f"unknown CLIP reward {name!r}; known: {sorted(SCORES)}")
-        self.name, self.source, self.processor_source, self.revision = name, model, processor, revision
-        self.batch_size = batch_size
+        self.source, self.processor_source, self.revision, self.batch_size = model, processor, revision, batch_size
         self._model: CLIPModel | None = None
+
+    def from_cosine(self, cosine: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def load(self) -> None:
         if self._model is None:
@@ -69,8 +57,29 @@ class CLIPTextImageReward(Reward):
             inputs = self._processor(text=prompts, images=batch, return_tensors="pt", padding=True, truncation=True)
             outputs = self._model(**inputs.to(self._device))
             cosine = (outputs.image_embeds * outputs.text_embeds).sum(dim=-1)  # both unit vectors
-            values += SCORES[self.name](cosine.float(), self._model.logit_scale.float()).tolist()
+            values += self.from_cosine(cosine.float(), self._model.logit_scale.float()).tolist()
         return [RewardResult(value) for value in values]
+
+
+class CLIPScore(CLIPTextImageReward):
+    name = "clipscore"
+
+    def from_cosine(self, cosine: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        return 2.5 * cosine.clamp(min=0)
+
+
+class PickScore(CLIPTextImageReward):
+    name = "pickscore"
+
+    def from_cosine(self, cosine: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        return logit_scale.exp() * cosine
+
+
+class HPSv2(CLIPTextImageReward):
+    name = "hpsv2"
+
+    def from_cosine(self, cosine: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        return cosine
 
 
 # The predictor's MLP (Linear, Dropout, ...): the indices of its linear layers in its published state dict.
