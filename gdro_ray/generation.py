@@ -9,6 +9,7 @@ Resume: prompts already in a shard are left out before the pipeline starts, so a
 finished, a killed or a failed run) generates each missing prompt once and no prompt twice.
 """
 
+import contextlib
 import hashlib
 import json
 import time
@@ -29,15 +30,14 @@ from gdro_ray.data.shards import read_shards, remove_partial_shards, shard_paths
 from gdro_ray.flow import TIMESTEP_SAMPLERS
 from gdro_ray.group_scoring import GroupScorer
 from gdro_ray.meter import ComputeMeter
-from gdro_ray.models import SamplerSettings, load_flow_model
+from gdro_ray.models import LORA_WEIGHTS, SamplerSettings, load_flow_model
 from gdro_ray.profiles import DEFAULT_MODEL, profile_for
 from gdro_ray.resource_plan import StagePlan, cluster_ready_for, generation_plan, read_capacity
 
 
 @dataclass
 class GenerationConfig:
-    """Settings of one group dataset. Fields up to ``reference_timesteps`` decide its content (the manifest's
-    identity)."""
+    """Settings of one group dataset. Fields up to ``first_prompt`` decide its content (the manifest's identity)."""
 
     task: str = option("ocr", "ocr, geneval, or custom (with --prompt-file)")
     model: str = option(DEFAULT_MODEL, "'tiny' (the embedded model), a diffusers FLUX directory, or a hub id")
@@ -55,6 +55,9 @@ class GenerationConfig:
                                      "velocity is stored, for training with --reference cached (0: no cache)")
     reference_timesteps: str = option("logit_normal", "the cache's sampler of t, as training's --timesteps",
                                       choices=TIMESTEP_SAMPLERS)
+    lora: str | None = option(None, "a LoRA directory (diffusers' format) the images are generated with, e.g. an "
+                                    "earlier round's policy; the reference cache stays the base model's")
+    first_prompt: int = option(0, "leave out the split's first prompts (a later round's new prompts)")
     num_prompts: int | None = option(64, "prompts of the dataset (with --prompt-file, 0: all of the file's)")
     out: str = option("runs/groups", "dataset directory")
     prompts_per_batch: int = option(4, "prompts per generation batch (one shard per scored batch)")
@@ -77,6 +80,10 @@ class GenerationConfig:
                              f"got {self.reference_timesteps!r}")
         if self.k < 2:
             raise ValueError(f"k (images per prompt) must be >= 2 to form a group, got {self.k}")
+        if self.lora is not None and not (Path(self.lora) / LORA_WEIGHTS).is_file():
+            raise FileNotFoundError(f"LoRA directory {self.lora!r} holds no {LORA_WEIGHTS}")
+        if self.first_prompt < 0:
+            raise ValueError(f"first_prompt must be >= 0, got {self.first_prompt}")
         if self.num_prompts == 0 and self.prompt_file is not None:
             self.num_prompts = None  # all of the file's
         if self.num_prompts is not None and self.num_prompts < 1:
@@ -87,9 +94,12 @@ class GenerationConfig:
                 raise ValueError(f"{name} must be (min, max) with 1 <= min <= max, got {(low, high)}")
 
     def identity(self) -> dict:
-        # A dataset without a cache keeps the identity (and hash) it had before caches existed.
-        cache = {"reference_cache": cache_identity(self.reference_draws, self.reference_timesteps)} \
-            if self.reference_draws else {}
+        # Settings left at their defaults stay out, so a dataset keeps the identity (and hash) it had before they
+        # existed.
+        extras = {"reference_cache": cache_identity(self.reference_draws, self.reference_timesteps)
+                  if self.reference_draws else None,
+                  "lora": file_identity(str(Path(self.lora) / LORA_WEIGHTS)) if self.lora else None,
+                  "first_prompt": self.first_prompt or None}
         return {
             "task": self.task,
             "model": self.model,
@@ -100,12 +110,17 @@ class GenerationConfig:
             "k": self.k,
             "sampler": self.sampler.to_dict(),
             "reward": self.reward,
-            **cache,
+            **{name: value for name, value in extras.items() if value is not None},
         }
 
     def prompts(self) -> list[PromptRecord]:
-        return profile_for(self.model).prompts(self.task, split=self.split, num_prompts=self.num_prompts,
-                                               seed=self.seed, prompt_file=self.prompt_file)
+        wanted = None if self.num_prompts is None else self.first_prompt + self.num_prompts
+        prompts = profile_for(self.model).prompts(self.task, split=self.split, num_prompts=wanted, seed=self.seed,
+                                                  prompt_file=self.prompt_file)[self.first_prompt:]
+        if not prompts:
+            raise ValueError(f"the {self.split} split of task {self.task!r} has no prompts after its first "
+                             f"{self.first_prompt}")
+        return prompts
 
 
 def derive_seed(dataset_seed: int, prompt_id: str, index: int) -> int:
@@ -121,6 +136,8 @@ class GroupGenerator:
         quiet_libraries()
         self.config = config
         self.model = load_flow_model(profile_for(config.model).weights, revision=config.revision)
+        if config.lora:  # once per actor: every batch generates with it
+            self.model.load_lora(config.lora)
         self.meter = ComputeMeter()
         self.meter.watch(self.model.transformer)
         self.timesteps = self.model.training_timesteps(config.reference_timesteps, config.sampler)
@@ -167,7 +184,8 @@ class GroupGenerator:
         if not config.reference_draws:
             return {}
         seeds = [derive_seed(config.seed, f"{prompt_id}/reference", i) for i in range(config.reference_draws + 1)]
-        return reference_draws(self.model, latents, prompt, config.sampler, self.timesteps, seeds[0], seeds[1:])
+        with self.model.reference() if config.lora else contextlib.nullcontext():  # the base, as training's
+            return reference_draws(self.model, latents, prompt, config.sampler, self.timesteps, seeds[0], seeds[1:])
 
 
 def pending_prompts(config: GenerationConfig, overwrite: bool = False) -> list[PromptRecord]:

@@ -7,7 +7,7 @@ only ever sees a diffusers directory or a hub id.
 import torch
 
 from gdro_ray.models.base import (
-    FLUX_LORA_TARGETS, FlowModel, GeneratedGroup, LoraSpec, PromptEmbeddings, SamplerSettings,
+    FLUX_LORA_TARGETS, LORA_WEIGHTS, FlowModel, GeneratedGroup, LoraSpec, PromptEmbeddings, SamplerSettings,
 )
 from gdro_ray.models.flux import FluxModel, check_model_source
 
@@ -16,6 +16,7 @@ __all__ = [
     "FlowModel",
     "FluxModel",
     "GeneratedGroup",
+    "LORA_WEIGHTS",
     "LoraSpec",
     "PromptEmbeddings",
     "SamplerSettings",

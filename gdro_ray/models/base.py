@@ -14,6 +14,8 @@ import torch
 
 from gdro_ray.flow import TimestepSampler
 
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the weights file of a LoRA directory in diffusers' format
+
 # FLUX's attention and feed-forward projections, in the double-stream and single-stream blocks.
 FLUX_LORA_TARGETS = (
     "attn.to_q",
