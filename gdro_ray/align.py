@@ -6,13 +6,17 @@
     RUN/training_curves.png, RUN/eval_curve.png
     RUN/eval/            base against aligned on held-out prompts: JSON, CSV, comparison.png
     RUN/summary.json     the final evaluation, and what the method cost: the compute meter of generation
-                         (the dataset's manifest) and of training (its last report), and their total
+                         (the datasets' manifests) and of training (its last report), and their total
+
+With --rounds R, training stops after each R-th of its steps; round r > 1 trains on RUN/round-r/groups, made
+with round r - 1's EMA LoRA (RUN/round-(r-1)/lora), and each round's LoRA is kept in RUN/round-r/lora.
 """
 
 import argparse
 import dataclasses
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +36,9 @@ from gdro_ray.resource_plan import (
     training_plan, uses_gpus,
 )
 from gdro_ray.train.trainer import run_training
+
+
+ROUND_PROMPTS = ("same", "new")
 
 
 @dataclass
@@ -78,11 +85,19 @@ class AlignSettings(HeldOutSettings):
                                                     "them (GDRO_CLUSTER_MAX_RESOURCES, see cluster/README.md)")
     reference_draws: int = option(8, "with --reference cached: (t, eps) draws per group whose reference velocities "
                                      "generation stores")
+    rounds: int = option(1, "semi-online: train in this many rounds, each after the first on groups generated with "
+                            "the previous round's policy; the steps are shared out, not multiplied")
+    round_prompts: str = option("same", "each later round's prompts: the same training prompts, or the split's next "
+                                        "--num-prompts", choices=ROUND_PROMPTS)
 
     def __post_init__(self):
         super().__post_init__()
         if self.reference_draws < 1:
             raise ValueError(f"reference_draws must be >= 1, got {self.reference_draws}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.round_prompts not in ROUND_PROMPTS:
+            raise ValueError(f"round_prompts must be one of {ROUND_PROMPTS}, got {self.round_prompts!r}")
         if self.num_prompts < (0 if self.train_prompt_file else 1):  # 0: all of the file's prompts
             raise ValueError(f"num_prompts must be >= 1 (0 with a prompt file: all of it), got {self.num_prompts}")
         if self.k_gen < 2:
@@ -106,13 +121,19 @@ def run_align(train: TrainConfig, settings: AlignSettings, log=print) -> dict:
              training_plan(train, use_gpu)]
     check_plans(plans, capacity)
     log(describe_plans(plans, capacity))
-    train = prepare_data(train, settings, run, evaluation, log)
-    train = dataclasses.replace(train, storage_path=str(run), name="train")
-    lora = train.run_directory / "lora"
-    if (lora / "config.yaml").is_file():
-        log(f"[align] training: complete in {lora}, skipped")
-    else:
+    datasets = []
+    for round_ in range(1, settings.rounds + 1):
+        train = dataclasses.replace(prepare_data(train, settings, run, evaluation, log, round_),
+                                    storage_path=str(run), name="train", stop_at=round_end(train, settings, round_))
+        datasets.append(train.data)
+        lora = train.run_directory / "lora" if settings.rounds == 1 else round_lora(run, round_)
+        if (lora / "config.yaml").is_file():
+            log(f"[align] training: complete in {lora}, skipped")
+            continue
         run_training(train, evaluator=PeriodicEvaluator(train.eval_set) if train.eval_set else None, log=log)
+        if settings.rounds > 1:  # the policy the next round generates with
+            shutil.copytree(train.run_directory / "lora", lora, dirs_exist_ok=True)
+    lora = train.run_directory / "lora"
 
     tensorboard = train.run_directory / "tensorboard"
     plot_training_curves(tensorboard, run / "training_curves.png")
@@ -130,26 +151,41 @@ def run_align(train: TrainConfig, settings: AlignSettings, log=print) -> dict:
                               progress=console.remote, log=log)
     pictures = [str(path) for path in (run / "eval" / "comparison.png", run / "training_curves.png",
                                        run / "eval_curve.png") if path.is_file()]
-    summary = {**summary, "compute": method_compute(train.data, scalars), "pictures": pictures}
+    summary = {**summary, "compute": method_compute(datasets, scalars), "pictures": pictures}
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def method_compute(data: str, scalars: dict) -> dict:
-    """What the method cost (gdro_ray.meter): making and scoring the group dataset, training (the last report's
-    totals), and both together. Evaluation is not counted."""
+def method_compute(datasets: list[str], scalars: dict) -> dict:
+    """What the method cost (gdro_ray.meter): making and scoring its group datasets (one a round), training (the last
+    report's totals), and both together. Evaluation is not counted."""
     training = ComputeMeter.reported(scalars)
-    generation = read_dataset_manifest(data)["counts"].get("compute")
-    total = training.add(generation) if generation else None
-    return {"generation": generation, "training": training.as_dict(), "total": total.as_dict() if total else None}
+    made = [read_dataset_manifest(data)["counts"].get("compute") for data in datasets]
+    if None in made:  # a dataset made before the meter
+        return {"generation": None, "training": training.as_dict(), "total": None}
+    generation = ComputeMeter()
+    for cost in made:
+        generation = generation.add(cost)
+    return {"generation": generation.as_dict(), "training": training.as_dict(),
+            "total": training.add(generation.as_dict()).as_dict()}
+
+
+def round_end(train: TrainConfig, settings: AlignSettings, round_: int) -> int | None:
+    """The step a round trains to (None: a single round runs to --steps)."""
+    return None if settings.rounds == 1 else round(round_ * train.steps / settings.rounds)
+
+
+def round_lora(run: Path, round_: int) -> Path:
+    return run / f"round-{round_}" / "lora"
 
 
 def prepare_data(train: TrainConfig, settings: AlignSettings, run: Path, evaluation: StagePlan,
-                 log=print) -> TrainConfig:
-    """The group dataset (RUN/groups) and, when training evaluates, the evaluation set (RUN/eval_set, encoded
-    in a task of the evaluation plan), each made unless complete; returns the training config pointed at them."""
+                 log=print, round_: int = 1) -> TrainConfig:
+    """The group dataset (RUN/groups; a later round's RUN/round-R/groups) and, when training evaluates, the
+    evaluation set (RUN/eval_set, encoded in a task of the evaluation plan), each made unless complete; returns
+    the training config pointed at them."""
     run.mkdir(parents=True, exist_ok=True)
-    generation = generation_config(train, settings, run)
+    generation = generation_config(train, settings, run, round_)
     if pending_prompts(generation):
         counts = generate_groups(generation, log=log)["counts"]
         log(f"[align] groups: {counts['groups']} of {settings.k_gen}, mean reward {counts['mean_reward']:.3f}")
@@ -163,10 +199,16 @@ def prepare_data(train: TrainConfig, settings: AlignSettings, run: Path, evaluat
     return dataclasses.replace(train, data=generation.out, eval_set=str(run / "eval_set") if train.eval_every else "")
 
 
-def generation_config(train: TrainConfig, settings: AlignSettings, run: Path) -> GenerationConfig:
+def generation_config(train: TrainConfig, settings: AlignSettings, run: Path, round_: int = 1) -> GenerationConfig:
+    """Round 1's dataset from the base model; a later round's from the previous round's LoRA, on the same
+    prompts or the split's next ones."""
+    later = round_ > 1
     return GenerationConfig(
         task=train.task, model=train.model, revision=train.revision, seed=train.seed, k=settings.k_gen,
-        sampler=settings.sampler, num_prompts=settings.num_prompts, out=str(run / "groups"),
+        sampler=settings.sampler, num_prompts=settings.num_prompts,
+        out=str(run / f"round-{round_}" / "groups" if later else run / "groups"),
+        lora=str(round_lora(run, round_ - 1)) if later else None,
+        first_prompt=(round_ - 1) * settings.num_prompts if later and settings.round_prompts == "new" else 0,
         # A training file is used whole when another file evaluates; otherwise its held-out split evaluates.
         prompt_file=settings.train_prompt_file,
         split="all" if settings.train_prompt_file and settings.eval_prompt_file else "train",

@@ -127,6 +127,8 @@ class TrainConfig(RunConfig):
     groups_per_step: int = field(default=2, metadata={"help": "groups per worker per micro-batch"})
     grad_accumulation: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
     reader_cpus: float = field(default=0.25, metadata={"help": "CPUs of the Ray Data reader feeding the workers"})
+    stop_at: int | None = field(default=None, metadata={
+        "help": "end this run at this step, its schedule still spanning --steps (a round of the align job)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -143,6 +145,8 @@ class TrainConfig(RunConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.objective == "sft" and self.kl > 0:
             raise ValueError("the sft objective runs no reference, so it takes no kl term: set kl to 0")
+        if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
+            raise ValueError(f"stop_at must be within 1..steps ({self.steps}), got {self.stop_at}")
         if self.reward_weights is not None and (not self.reward_weights or not all(
                 isinstance(weight, (int, float)) for weight in self.reward_weights.values())):
             raise ValueError(f"reward_weights must map reward parts to numbers, got {self.reward_weights!r}")

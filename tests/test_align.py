@@ -1,5 +1,6 @@
 """The align job end to end on the embedded tiny model, at tiny sizes: stages, run directory, resume."""
 
+import hashlib
 import json
 
 import pytest
@@ -58,6 +59,22 @@ def test_a_small_align_run_fills_its_run_directory_and_a_rerun_skips_every_stage
     assert "groups: complete" in log and "training: complete" in log
     assert lora.stat().st_mtime_ns == written
     assert again["aligned"] == summary["aligned"]
+
+
+def test_rounds_generate_each_later_dataset_with_the_previous_rounds_policy(local_ray, align_job, tmp_path):
+    run = tmp_path / "rounds"
+    summary = align_job.main(["--task", "ocr", "--out", str(run), "--rounds", "2", "--round-prompts", "new", *SMALL])
+    first, second = (json.loads((directory / "manifest.json").read_text())
+                     for directory in (run / "groups", run / "round-2" / "groups"))
+    assert "lora" not in first["identity"] and second["identity"]["first_prompt"] == 8  # the split's next 8
+    lora = run / "round-1" / "lora" / "pytorch_lora_weights.safetensors"
+    assert second["identity"]["lora"]["sha256"] == hashlib.sha256(lora.read_bytes()).hexdigest()[:16]
+    assert (run / "round-2" / "lora" / "config.yaml").is_file()
+    # The steps are shared out (2 a round, one training run resumed), and both datasets' cost is counted.
+    steps, _ = read_scalars(run / "train" / "tensorboard")["train/attempt_start_step"]
+    assert steps[-1] == 4 and read_scalars(run / "train" / "tensorboard")["train/attempt_start_step"][1][-1] == 2
+    generation = [manifest["counts"]["compute"]["forward_passes"] for manifest in (first, second)]
+    assert summary["compute"]["generation"]["forward_passes"] == sum(generation) > 0
 
 
 @pytest.mark.parametrize(

@@ -50,16 +50,17 @@ def train_worker(values: dict, evaluator: Evaluator | None = None, progress: Sta
     attempt_start = step
     batches = _batches(ray.train.get_dataset_shard("train"), config, run.generator)
     guard, window = NonFiniteGuard(config.max_nonfinite_steps), _Window(run.world)
-    while step < config.steps:
+    end = config.stop_at or config.steps  # a round of the align job ends before the schedule does
+    while step < end:
         with run.meter.stage("training"):
             stepped = micro_step(run, next(batches), guard, window, console, step)
         if not stepped:
             continue
         step += 1
-        evaluating = evaluator is not None and (step % config.eval_every == 0 or step == config.steps)
+        evaluating = evaluator is not None and (step % config.eval_every == 0 or step == end)
         if evaluating:
             last_eval = evaluate(run, evaluator, step, writer)
-        checkpointing = step % config.checkpoint_every == 0 or step == config.steps
+        checkpointing = step % config.checkpoint_every == 0 or step == end
         if checkpointing or evaluating or step % config.log_every == 0:
             metrics = {"step": step, "attempt_start_step": attempt_start, **window.flush(),
                        "grad_norm": run.strategy.grad_norm(), "lr": run.scheduler.get_last_lr()[0],
