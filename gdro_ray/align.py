@@ -39,6 +39,7 @@ from gdro_ray.train.trainer import run_training
 
 
 ROUND_PROMPTS = ("same", "new")
+ROUND_REFERENCES = ("base", "previous")
 
 
 @dataclass
@@ -89,6 +90,8 @@ class AlignSettings(HeldOutSettings):
                             "the previous round's policy; the steps are shared out, not multiplied")
     round_prompts: str = option("same", "each later round's prompts: the same training prompts, or the split's next "
                                         "--num-prompts", choices=ROUND_PROMPTS)
+    round_reference: str = option("base", "each later round's reference: the base model, or the previous round's "
+                                          "policy (needs --reference cached)", choices=ROUND_REFERENCES)
 
     def __post_init__(self):
         super().__post_init__()
@@ -98,6 +101,14 @@ class AlignSettings(HeldOutSettings):
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.round_prompts not in ROUND_PROMPTS:
             raise ValueError(f"round_prompts must be one of {ROUND_PROMPTS}, got {self.round_prompts!r}")
+        if self.round_reference not in ROUND_REFERENCES:
+            raise ValueError(f"round_reference must be one of {ROUND_REFERENCES}, got {self.round_reference!r}")
+
+    def check_reference(self, train: TrainConfig) -> None:
+        """The previous round's policy as the reference is read from each dataset's cache."""
+        if self.round_reference == "previous" and train.reference != "cached":
+            raise ValueError("--round-reference previous reads the previous round's policy from the reference cache: "
+                             "add --reference cached")
         if self.num_prompts < (0 if self.train_prompt_file else 1):  # 0: all of the file's prompts
             raise ValueError(f"num_prompts must be >= 1 (0 with a prompt file: all of it), got {self.num_prompts}")
         if self.k_gen < 2:
@@ -123,8 +134,10 @@ def run_align(train: TrainConfig, settings: AlignSettings, log=print) -> dict:
     log(describe_plans(plans, capacity))
     datasets = []
     for round_ in range(1, settings.rounds + 1):
+        previous = round_ > 1 and settings.round_reference == "previous"
         train = dataclasses.replace(prepare_data(train, settings, run, evaluation, log, round_),
-                                    storage_path=str(run), name="train", stop_at=round_end(train, settings, round_))
+                                    storage_path=str(run), name="train", stop_at=round_end(train, settings, round_),
+                                    reference_lora=str(round_lora(run, round_ - 1)) if previous else None)
         datasets.append(train.data)
         lora = train.run_directory / "lora" if settings.rounds == 1 else round_lora(run, round_)
         if (lora / "config.yaml").is_file():
@@ -209,6 +222,7 @@ def generation_config(train: TrainConfig, settings: AlignSettings, run: Path, ro
         out=str(run / f"round-{round_}" / "groups" if later else run / "groups"),
         lora=str(round_lora(run, round_ - 1)) if later else None,
         first_prompt=(round_ - 1) * settings.num_prompts if later and settings.round_prompts == "new" else 0,
+        reference_policy="lora" if later and settings.round_reference == "previous" else "base",
         # A training file is used whole when another file evaluates; otherwise its held-out split evaluates.
         prompt_file=settings.train_prompt_file,
         split="all" if settings.train_prompt_file and settings.eval_prompt_file else "train",
@@ -237,6 +251,7 @@ def align_from_arguments(parser: argparse.ArgumentParser, args) -> tuple[TrainCo
         settings = from_arguments(args, AlignSettings, skip=("sampler",), sampler=sampler,
                                   k_gen=profile.images_per_prompt)
         settings.check_group_size(train.k)
+        settings.check_reference(train)
         generation_config(train, settings, Path(settings.out or "."))  # a prompt file of the wrong task, missing
         if settings.eval_prompt_file:
             HeldOut.of_task(train.task, train.model, eval_prompt_file=settings.eval_prompt_file)

@@ -119,6 +119,9 @@ class TrainConfig(RunConfig):
     reference: str = field(default="live", metadata={
         "help": f"one of {REFERENCES}: the reference velocities computed at every step (the LoRA off), or read from "
                 "the group dataset's cache (made with --reference-draws)"})
+    reference_lora: str | None = field(default=None, metadata={
+        "help": "with --reference cached: the LoRA whose policy the cache holds, an earlier round's (default: the "
+                "base model)"})
     reward_weights: dict | None = field(default=None, metadata={
         "help": "a dataset scored with a mixed reward, ranked with these weights, JSON {PART: weight} (default: "
                 "its own)"})
@@ -145,6 +148,8 @@ class TrainConfig(RunConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.objective == "sft" and self.kl > 0:
             raise ValueError("the sft objective runs no reference, so it takes no kl term: set kl to 0")
+        if self.reference_lora is not None and self.reference != "cached":
+            raise ValueError("a reference LoRA is read from the dataset's reference cache: give --reference cached")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
             raise ValueError(f"stop_at must be within 1..steps ({self.steps}), got {self.stop_at}")
         if self.reward_weights is not None and (not self.reward_weights or not all(

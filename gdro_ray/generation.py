@@ -35,6 +35,9 @@ from gdro_ray.profiles import DEFAULT_MODEL, profile_for
 from gdro_ray.resource_plan import StagePlan, cluster_ready_for, generation_plan, read_capacity
 
 
+REFERENCE_POLICIES = ("base", "lora")
+
+
 @dataclass
 class GenerationConfig:
     """Settings of one group dataset. Fields up to ``first_prompt`` decide its content (the manifest's identity)."""
@@ -56,7 +59,9 @@ class GenerationConfig:
     reference_timesteps: str = option("logit_normal", "the cache's sampler of t, as training's --timesteps",
                                       choices=TIMESTEP_SAMPLERS)
     lora: str | None = option(None, "a LoRA directory (diffusers' format) the images are generated with, e.g. an "
-                                    "earlier round's policy; the reference cache stays the base model's")
+                                    "earlier round's policy")
+    reference_policy: str = option("base", "whose velocities the reference cache holds: the base model's, or with "
+                                           "--lora that policy's", choices=REFERENCE_POLICIES)
     first_prompt: int = option(0, "leave out the split's first prompts (a later round's new prompts)")
     num_prompts: int | None = option(64, "prompts of the dataset (with --prompt-file, 0: all of the file's)")
     out: str = option("runs/groups", "dataset directory")
@@ -82,6 +87,11 @@ class GenerationConfig:
             raise ValueError(f"k (images per prompt) must be >= 2 to form a group, got {self.k}")
         if self.lora is not None and not (Path(self.lora) / LORA_WEIGHTS).is_file():
             raise FileNotFoundError(f"LoRA directory {self.lora!r} holds no {LORA_WEIGHTS}")
+        if self.reference_policy not in REFERENCE_POLICIES:
+            raise ValueError(f"reference_policy must be one of {REFERENCE_POLICIES}, got {self.reference_policy!r}")
+        if self.reference_policy == "lora" and not (self.lora and self.reference_draws):
+            raise ValueError("reference_policy 'lora' caches the velocities of --lora: give both --lora and "
+                             "--reference-draws")
         if self.first_prompt < 0:
             raise ValueError(f"first_prompt must be >= 0, got {self.first_prompt}")
         if self.num_prompts == 0 and self.prompt_file is not None:
@@ -96,9 +106,11 @@ class GenerationConfig:
     def identity(self) -> dict:
         # Settings left at their defaults stay out, so a dataset keeps the identity (and hash) it had before they
         # existed.
-        extras = {"reference_cache": cache_identity(self.reference_draws, self.reference_timesteps)
+        lora = file_identity(str(Path(self.lora) / LORA_WEIGHTS)) if self.lora else None
+        extras = {"reference_cache": cache_identity(self.reference_draws, self.reference_timesteps,
+                                                    lora if self.reference_policy == "lora" else None)
                   if self.reference_draws else None,
-                  "lora": file_identity(str(Path(self.lora) / LORA_WEIGHTS)) if self.lora else None,
+                  "lora": lora,
                   "first_prompt": self.first_prompt or None}
         return {
             "task": self.task,
@@ -184,7 +196,8 @@ class GroupGenerator:
         if not config.reference_draws:
             return {}
         seeds = [derive_seed(config.seed, f"{prompt_id}/reference", i) for i in range(config.reference_draws + 1)]
-        with self.model.reference() if config.lora else contextlib.nullcontext():  # the base, as training's
+        base = config.lora and config.reference_policy == "base"
+        with self.model.reference() if base else contextlib.nullcontext():  # the LoRA off: the base model's
             return reference_draws(self.model, latents, prompt, config.sampler, self.timesteps, seeds[0], seeds[1:])
 
 

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from gdro_ray.compute_report import ComputeCurve, compute_report
+from gdro_ray.config import read_yaml
 from gdro_ray.plots import read_scalars
 
 SMALL = ["--num-prompts", "8", "--k-gen", "4", "--num-steps", "4", "--steps", "4", "--k", "3",
@@ -63,13 +64,16 @@ def test_a_small_align_run_fills_its_run_directory_and_a_rerun_skips_every_stage
 
 def test_rounds_generate_each_later_dataset_with_the_previous_rounds_policy(local_ray, align_job, tmp_path):
     run = tmp_path / "rounds"
-    summary = align_job.main(["--task", "ocr", "--out", str(run), "--rounds", "2", "--round-prompts", "new", *SMALL])
+    summary = align_job.main(["--task", "ocr", "--out", str(run), "--rounds", "2", "--round-prompts", "new",
+                              "--reference", "cached", "--round-reference", "previous", *SMALL])
     first, second = (json.loads((directory / "manifest.json").read_text())
                      for directory in (run / "groups", run / "round-2" / "groups"))
     assert "lora" not in first["identity"] and second["identity"]["first_prompt"] == 8  # the split's next 8
     lora = run / "round-1" / "lora" / "pytorch_lora_weights.safetensors"
     assert second["identity"]["lora"]["sha256"] == hashlib.sha256(lora.read_bytes()).hexdigest()[:16]
-    assert (run / "round-2" / "lora" / "config.yaml").is_file()
+    # Round 2's reference is round 1's policy, cached with its groups.
+    assert second["identity"]["reference_cache"]["lora"] == second["identity"]["lora"]
+    assert read_yaml(run / "round-2" / "lora" / "config.yaml")["reference_lora"] == str(lora.parent)
     # The steps are shared out (2 a round, one training run resumed), and both datasets' cost is counted.
     steps, _ = read_scalars(run / "train" / "tensorboard")["train/attempt_start_step"]
     assert steps[-1] == 4 and read_scalars(run / "train" / "tensorboard")["train/attempt_start_step"][1][-1] == 2
@@ -83,6 +87,7 @@ def test_rounds_generate_each_later_dataset_with_the_previous_rounds_policy(loca
         (["--task", "poetry"], "--task must be one of"),
         (["--task", "ocr", "--config", "/no/such/config.yaml"], "/no/such/config.yaml"),
         (["--task", "ocr", "--k-gen", "1"], "k_gen"),
+        (["--task", "ocr", "--rounds", "2", "--round-reference", "previous"], "add --reference cached"),
     ],
 )
 def test_bad_arguments_stop_with_a_message_naming_them(argv, message, align_job, capsys):

@@ -78,3 +78,17 @@ def test_a_later_round_can_take_the_next_prompts_and_bad_settings_are_named(tmp_
         GenerationConfig(task="ocr", lora=str(tmp_path), out=str(tmp_path))
     with pytest.raises(ValueError, match="no prompts after its first 100000"):
         GenerationConfig(task="ocr", first_prompt=100000, out=str(tmp_path)).prompts()
+
+
+def test_the_cache_can_hold_the_loras_own_velocities_instead(tiny_flux_dir, lora_dir, tmp_path):
+    settings = dict(task="ocr", model=str(tiny_flux_dir), k=3, sampler=sampler(2), num_prompts=1, out=str(tmp_path),
+                    lora=str(lora_dir), reference_draws=2)
+    _, base = generate(GenerationConfig(**settings))
+    config = GenerationConfig(**settings, reference_policy="lora")
+    assert config.identity()["reference_cache"]["lora"] == config.identity()["lora"]  # whose velocities, by hash
+    _, policy = generate(config)
+    assert policy["latents"] == base["latents"] and policy["reference_noise_seeds"] == base["reference_noise_seeds"]
+    cached = [tensor_from_bytes(row["reference_velocities"], row["reference_shape"], "float16") for row in (base, policy)]
+    assert not torch.allclose(*cached, atol=1e-2)  # the LoRA's velocities, not the base's
+    with pytest.raises(ValueError, match="give both --lora and --reference-draws"):
+        GenerationConfig(**{**settings, "reference_draws": 0}, reference_policy="lora")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gdro_ray.config import REFERENCES, TrainConfig
-from gdro_ray.data.manifest import write_manifest
+from gdro_ray.data.manifest import file_identity, write_manifest
 from gdro_ray.data.records import tensor_to_bytes
 from gdro_ray.data.reference_cache import CACHE_COLUMNS, cache_identity, draw_noise
 from gdro_ray.data.shards import shard_paths, write_shard
@@ -132,6 +132,19 @@ def test_a_cache_that_does_not_fit_the_run_is_refused(tmp_path):
         check_reference_cache(config("cached", model="other/flux"))
     with pytest.raises(ValueError, match="drew t with 'logit_normal', this run with --timesteps 'uniform'"):
         check_reference_cache(config("cached", timesteps="uniform"))
+    # A cache of an earlier round's policy serves only a run whose reference is that LoRA, and the other way round.
+    (tmp_path / "lora").mkdir(), (tmp_path / "of-lora").mkdir()
+    (tmp_path / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
+    lora = file_identity(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
+    write_manifest(tmp_path / "of-lora", {**identity, "reference_cache": cache_identity(4, "logit_normal", lora)}, {},
+                   complete=True)
+    check_reference_cache(config("of-lora", reference_lora=str(tmp_path / "lora")))
+    with pytest.raises(ValueError, match="holds the LoRA .*'s velocities, this run's reference is the base model"):
+        check_reference_cache(config("of-lora"))
+    with pytest.raises(ValueError, match="holds the base model's velocities, this run's reference is the LoRA"):
+        check_reference_cache(config("cached", reference_lora=str(tmp_path / "lora")))
+    with pytest.raises(ValueError, match="a reference LoRA is read from the dataset's reference cache"):
+        TrainConfig(reference_lora=str(tmp_path / "lora"))
 
 
 def mixed_row(prompt_id, parts):

@@ -22,9 +22,11 @@ CACHE_COLUMNS = ["reference_timesteps", "reference_noise_seeds", "reference_velo
 CACHE_DTYPE = torch.float16  # half the bytes; its 11-bit mantissa keeps the implicit reward's difference intact
 
 
-def cache_identity(draws: int, timesteps: str) -> dict:
-    """What a dataset's cache was made with (in its manifest): training may use it only with the same sampler of t."""
-    return {"draws": draws, "timesteps": timesteps, "dtype": str(CACHE_DTYPE).removeprefix("torch.")}
+def cache_identity(draws: int, timesteps: str, lora: dict | None = None) -> dict:
+    """What a dataset's cache was made with (in its manifest): training may use it only with the same sampler of t
+    and the same reference, the base model or (lora: its weights' identity) the base with that LoRA."""
+    policy = {"lora": lora} if lora else {}  # the base model's cache keeps the identity it always had
+    return {"draws": draws, "timesteps": timesteps, "dtype": str(CACHE_DTYPE).removeprefix("torch."), **policy}
 
 
 def draw_noise(seed: int, latent_shape: tuple[int, ...]) -> torch.Tensor:

@@ -15,6 +15,7 @@ with each part normalised over its group, from the parts kept in every image's d
 import dataclasses
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -23,11 +24,11 @@ import pyarrow.parquet as pq
 import torch
 
 from gdro_ray.config import TrainConfig
-from gdro_ray.data.manifest import read_dataset_manifest
+from gdro_ray.data.manifest import file_identity, read_dataset_manifest
 from gdro_ray.data.records import tensor_from_bytes
 from gdro_ray.data.reference_cache import CACHE_COLUMNS, cached_draw
 from gdro_ray.data.shards import read_shards
-from gdro_ray.models.base import PromptEmbeddings, SamplerSettings
+from gdro_ray.models.base import LORA_WEIGHTS, PromptEmbeddings, SamplerSettings
 from gdro_ray.rewards.mixture import MIX, mix_values
 from gdro_ray.train.step import GroupBatch
 
@@ -127,6 +128,11 @@ def check_reference_cache(config: TrainConfig) -> None:
     if cache["timesteps"] != config.timesteps:
         raise ValueError(f"the reference cache in {config.data!r} drew t with {cache['timesteps']!r}, this run with "
                          f"--timesteps {config.timesteps!r}: use the same, or --reference live")
+    expected = file_identity(str(Path(config.reference_lora) / LORA_WEIGHTS)) if config.reference_lora else None
+    if cache.get("lora") != expected:
+        held, wanted = (f"the LoRA {lora}" if lora else "the base model" for lora in (cache.get("lora"), expected))
+        raise ValueError(f"the reference cache in {config.data!r} holds {held}'s velocities, this run's reference is "
+                         f"{wanted} (--reference-lora)")
 
 
 def read_ranked_groups(batch: dict, prompt_ids: list[str], columns: list[str]):
