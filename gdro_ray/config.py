@@ -130,6 +130,9 @@ class TrainConfig(RunConfig):
     groups_per_step: int = field(default=2, metadata={"help": "groups per worker per micro-batch"})
     grad_accumulation: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
     reader_cpus: float = field(default=0.25, metadata={"help": "CPUs of the Ray Data reader feeding the workers"})
+    replay_limit_mb: float = field(default=2048.0, metadata={
+        "help": "a worker whose share of the dataset fits in this many MiB replays it from memory after the first "
+                "epoch; a larger share streams every epoch (0: always stream)"})
     stop_at: int | None = field(default=None, metadata={
         "help": "end this run at this step, its schedule still spanning --steps (a round of the align job)"})
 
@@ -143,7 +146,7 @@ class TrainConfig(RunConfig):
         for name in ("beta", "tau", "reader_cpus"):
             if not getattr(self, name) > 0:  # also refuses NaN
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("gamma", "kl"):
+        for name in ("gamma", "kl", "replay_limit_mb"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.objective == "sft" and self.kl > 0:

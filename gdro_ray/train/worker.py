@@ -234,14 +234,12 @@ def _ema_weights(ema, trainable):
         ema.restore(trainable)
 
 
-# A worker whose shard fits in this much memory replays it after the first epoch instead of streaming it
-# again: restarting a Ray Data stream costs seconds, several training steps of a small model.
-REPLAY_LIMIT_BYTES = 2 * 2**30
-
-
-def _batches(shard, config: TrainConfig, generator: torch.Generator, replay_limit_bytes: int = REPLAY_LIMIT_BYTES):
-    """Endless micro-batches of this worker's groups, epoch after epoch, in the first epoch's order."""
+def _batches(shard, config: TrainConfig, generator: torch.Generator):
+    """Endless micro-batches of this worker's groups, epoch after epoch, in the first epoch's order. A shard that
+    fits in --replay-limit-mb is replayed from memory after the first epoch (restarting a Ray Data stream costs
+    seconds, several steps of a small model); a larger one streams every epoch and nothing is kept."""
     columns, cached, ranking = training_columns(config), config.reference == "cached", Ranking.of(config)
+    limit = config.replay_limit_mb * 2**20
 
     def epoch():
         tables = shard.iter_batches(batch_size=config.groups_per_step, batch_format="pyarrow", drop_last=True)
@@ -250,12 +248,11 @@ def _batches(shard, config: TrainConfig, generator: torch.Generator, replay_limi
     kept, kept_bytes = [], 0
     for table in epoch():
         kept_bytes += table.nbytes
-        if kept_bytes <= replay_limit_bytes:
-            kept.append(table)
+        if kept is not None:
+            kept = kept + [table] if kept_bytes <= limit else None  # over the limit: let go of what was kept
         yield group_batch(table.to_pylist(), config.k, generator, cached, ranking)
-    replay = kept_bytes <= replay_limit_bytes
     while True:
-        for table in kept if replay else epoch():
+        for table in kept if kept is not None else epoch():
             yield group_batch(table.to_pylist(), config.k, generator, cached, ranking)
 
 
