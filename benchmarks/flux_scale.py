@@ -16,6 +16,7 @@ The numbers go in docs/benchmarks.md with the card's name.
 
 import argparse
 import os
+import socket
 import sys
 import time
 
@@ -153,9 +154,10 @@ def deepspeed_lora(model: FluxModel, args) -> DeepSpeedStrategy:
     """The training workers' setup: a rank-R LoRA, AdamW, ZeRO-2 in bf16, in a one-process group."""
     import deepspeed
 
-    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29517"), ("RANK", "0"), ("LOCAL_RANK", "0"),
-                        ("WORLD_SIZE", "1")):
-        os.environ.setdefault(name, value)
+    with socket.socket() as probe:  # a free port of our own: an inherited MASTER_PORT may be another group's
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     deepspeed.init_distributed(dist_backend="nccl" if model.device.type == "cuda" else "gloo")
     model.add_lora(LoraSpec(rank=args.rank, alpha=args.rank))
     model.set_gradient_checkpointing(not args.no_gradient_checkpointing)
