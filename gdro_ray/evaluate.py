@@ -274,8 +274,9 @@ def format_table(summary: dict) -> str:
                  f"{quality['mean']:+.2f} +- {quality['standard_error']:.2f} (paired over {change['images']} "
                  f"images, +- one standard error; {change['reward_changed']} changed reward)")
     for label, part in change.get("parts", {}).items():
-        lines.append(f"  part {label}: {summary['base']['parts'][label]:.3f} -> {summary['aligned']['parts'][label]:.3f}"
-                     f", change {part['mean']:+.3f} +- {part['standard_error']:.3f}")
+        before, after = summary["base"]["parts"][label], summary["aligned"]["parts"][label]
+        lines.append(f"  part {label}: {before:.3f} -> {after:.3f}, change {part['mean']:+.3f} +- "
+                     f"{part['standard_error']:.3f}")
     judge = summary.get("judge")
     if judge:
         lines.append(f"judge: {judge['name']}" + (f"; {judge['unparsed']} answers held no rating and were rated 3"

@@ -93,7 +93,8 @@ def test_the_aesthetic_score_is_the_mlp_on_the_unit_image_embedding(saved_clip, 
 
 def test_an_aesthetic_head_missing_or_of_another_layout_is_named(saved_clip, aesthetic_head, tmp_path):
     with pytest.raises(FileNotFoundError, match="aesthetic head None does not exist"):
-        build_reward(profile_for("tiny").reward_spec("ocr", None, {"name": "aesthetic", "model": str(saved_clip)})).load()
+        spec = profile_for("tiny").reward_spec("ocr", None, {"name": "aesthetic", "model": str(saved_clip)})
+        build_reward(spec).load()
     save_file({"linear.weight": torch.zeros(1, 8)}, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match=r"holds \['linear.weight'\], expected"):
         build_reward({"name": "aesthetic", "model": str(saved_clip), "head": str(tmp_path / "other.safetensors")}).load()

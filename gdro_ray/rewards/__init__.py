@@ -72,10 +72,12 @@ def check_mix(spec: dict) -> dict:
     """A mix spec with at least one part, each part a reward spec with a numeric weight; returned as given."""
     parts = spec.get("parts")
     if not isinstance(parts, dict) or not parts:
-        raise ValueError(f'a "mix" reward needs "parts": {{LABEL: {{"name": REWARD, "weight": W, ...}}}}, got {parts!r}')
+        raise ValueError(f'a "mix" reward needs "parts": {{LABEL: {{"name": REWARD, "weight": W, ...}}}}, '
+                         f"got {parts!r}")
     for label, part in parts.items():
         if not isinstance(part, dict) or not isinstance(part.get("weight"), (int, float)) or part.get("name") == MIX:
-            raise ValueError(f"mix part {label!r} must be a reward spec (not a mix) with a numeric weight, got {part!r}")
+            raise ValueError(f"mix part {label!r} must be a reward spec (not a mix) with a numeric weight, "
+                             f"got {part!r}")
     return spec
 
 

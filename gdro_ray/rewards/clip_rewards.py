@@ -40,8 +40,8 @@ class CLIPTextImageReward(Reward):
     def load(self) -> None:
         if self._model is None:
             if self.source is None:
-                raise ValueError(f"the {self.name} reward needs \"model\": its weights as a transformers CLIP directory "
-                                 "(HPSv2.1: python -m gdro_ray.rewards.open_clip_weights, see its help)")
+                raise ValueError(f"the {self.name} reward needs \"model\": its weights as a transformers CLIP "
+                                 "directory (HPSv2.1: python -m gdro_ray.rewards.open_clip_weights, see its help)")
             model, self._processor = load_pretrained(CLIPModel, AutoProcessor, self.source, self.revision,
                                                      self.processor_source)
             self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -87,11 +87,18 @@ def from_published(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     return renamed, configs
 
 
-_VISION = [(r"^cls_token$", "embeddings.class_embedding"), (r"^pos_embed$", "embeddings.position_embedding"),
-           (r"^patch_embed\.proj\.", "embeddings.patch_embedding."), (r"^blocks\.(\d+)\.norm1\.", r"encoder.layers.\1.layer_norm1."),
-           (r"^blocks\.(\d+)\.norm2\.", r"encoder.layers.\1.layer_norm2."), (r"^blocks\.(\d+)\.attn\.qkv\.", r"encoder.layers.\1.self_attn.qkv."),
-           (r"^blocks\.(\d+)\.attn\.proj\.", r"encoder.layers.\1.self_attn.projection."),
-           (r"^blocks\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."), (r"^norm\.", "post_layernorm.")]
+# BLIP's ViT (timm's names) -> transformers' BlipVisionModel.
+_VISION = [
+    (r"^cls_token$", "embeddings.class_embedding"),
+    (r"^pos_embed$", "embeddings.position_embedding"),
+    (r"^patch_embed\.proj\.", "embeddings.patch_embedding."),
+    (r"^blocks\.(\d+)\.norm1\.", r"encoder.layers.\1.layer_norm1."),
+    (r"^blocks\.(\d+)\.norm2\.", r"encoder.layers.\1.layer_norm2."),
+    (r"^blocks\.(\d+)\.attn\.qkv\.", r"encoder.layers.\1.self_attn.qkv."),
+    (r"^blocks\.(\d+)\.attn\.proj\.", r"encoder.layers.\1.self_attn.projection."),
+    (r"^blocks\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),
+    (r"^norm\.", "post_layernorm."),
+]
 
 
 def _vision_name(name: str) -> str:
@@ -143,7 +150,8 @@ class ImageRewardScore(Reward):
         directory = Path(self.source) if self.source else None
         if directory is None or not (directory / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"ImageReward model {self.source!r} is not a converted model directory (no "
-                                    f"{CONFIG_NAME}): convert ImageReward.pt with python -m gdro_ray.rewards.image_reward")
+                                    f"{CONFIG_NAME}): convert ImageReward.pt with "
+                                    "python -m gdro_ray.rewards.image_reward")
         model = build(json.loads((directory / CONFIG_NAME).read_text()))
         model.load_state_dict(load_file(directory / "model.safetensors"))
         self._tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
