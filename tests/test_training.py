@@ -138,21 +138,15 @@ def test_a_rerun_resumes_from_the_latest_checkpoint(groups, tmp_path):
     assert second.metrics["compute_forward_passes"] == first.metrics["compute_forward_passes"] * 6 // 4
 
 
-def test_the_cached_reference_trains_without_the_reference_forward(groups, tmp_path):
-    config = train_config(groups, tmp_path, name="cached", reference="cached", steps=2, strategy="ddp",
+def test_a_run_on_the_cached_reference_and_on_mixed_reward_parts_weighed_again(groups, tmp_path):
+    # Weighed -1, the brightness part ranks every group the other way round: darker is better.
+    config = train_config(groups, tmp_path, name="cached-reweighed", reference="cached",
+                          reward_weights={"light": -1.0}, reward_normalise=True, steps=2, strategy="ddp",
                           num_workers=1)
     result = run_training(config)
     assert result.error is None and result.metrics["step"] == 2 and math.isfinite(result.metrics["loss"])
     # Per member and step: the policy's forward and its backward (2 forwards); live would add the reference's.
     assert result.metrics["compute_forward_passes"] == 2 * config.groups_per_step * config.k * 3
-
-
-def test_a_mixed_reward_dataset_trains_on_its_parts_weighed_again(groups, tmp_path):
-    # Weighed -1, the brightness part ranks every group the other way round: darker is better.
-    config = train_config(groups, tmp_path, name="reweighed", reward_weights={"light": -1.0}, reward_normalise=True,
-                          steps=2, strategy="ddp", num_workers=1)
-    result = run_training(config)
-    assert result.error is None and result.metrics["step"] == 2 and math.isfinite(result.metrics["loss"])
     assert read_yaml(config.run_directory / "lora" / "config.yaml")["reward_weights"] == {"light": -1.0}
     row = next(row for row in read_shards(groups).to_pylist() if len(set(row["rewards"])) == len(row["rewards"]))
     reversed_ranking = Ranking({"light": -1.0}, normalise=True).rewards(row)
