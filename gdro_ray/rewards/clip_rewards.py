@@ -22,43 +22,32 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoProcessor, CLIPModel
 
-from gdro_ray.rewards.base import Reward, RewardResult
-from gdro_ray.rewards.loading import load_pretrained
+from gdro_ray.rewards.loading import BatchedModelReward, load_pretrained
 
 
-class CLIPTextImageReward(Reward):
+class CLIPTextImageReward(BatchedModelReward):
     """Embeds each image and its prompt; a subclass says how their cosine becomes the reward."""
 
     def __init__(self, model: str | None, processor: str | None = None, revision: str | None = None,
                  batch_size: int = 16):
         self.source, self.processor_source, self.revision, self.batch_size = model, processor, revision, batch_size
-        self._model: CLIPModel | None = None
 
     def from_cosine(self, cosine: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def load(self) -> None:
-        if self._model is None:
-            if self.source is None:
-                raise ValueError(f"the {self.name} reward needs \"model\": its weights as a transformers CLIP "
-                                 "directory (HPSv2.1: python -m gdro_ray.rewards.open_clip_weights, see its help)")
-            model, self._processor = load_pretrained(CLIPModel, AutoProcessor, self.source, self.revision,
-                                                     self.processor_source)
-            self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            self._model = model.to(self._device).eval()
+    def build(self) -> CLIPModel:
+        if self.source is None:
+            raise ValueError(f"the {self.name} reward needs \"model\": its weights as a transformers CLIP "
+                             "directory (HPSv2.1: python -m gdro_ray.rewards.open_clip_weights, see its help)")
+        model, self._processor = load_pretrained(CLIPModel, AutoProcessor, self.source, self.revision,
+                                                 self.processor_source)
+        return model
 
-    @torch.no_grad()
-    def score(self, images: list[Image.Image], metadata: list[dict]) -> list[RewardResult]:
-        self.load()
-        values = []
-        for start in range(0, len(images), self.batch_size):
-            batch = [image.convert("RGB") for image in images[start:start + self.batch_size]]
-            prompts = [meta["prompt"] for meta in metadata[start:start + self.batch_size]]
-            inputs = self._processor(text=prompts, images=batch, return_tensors="pt", padding=True, truncation=True)
-            outputs = self._model(**inputs.to(self._device))
-            cosine = (outputs.image_embeds * outputs.text_embeds).sum(dim=-1)  # both unit vectors
-            values += self.from_cosine(cosine.float(), self._model.logit_scale.float()).tolist()
-        return [RewardResult(value) for value in values]
+    def score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+        inputs = self._processor(text=prompts, images=images, return_tensors="pt", padding=True, truncation=True)
+        outputs = self._model(**inputs.to(self._device))
+        cosine = (outputs.image_embeds * outputs.text_embeds).sum(dim=-1)  # both unit vectors
+        return self.from_cosine(cosine.float(), self._model.logit_scale.float())
 
 
 class CLIPScore(CLIPTextImageReward):
@@ -86,16 +75,13 @@ class HPSv2(CLIPTextImageReward):
 AESTHETIC_LAYERS = (0, 2, 4, 6, 7)
 
 
-class AestheticReward(Reward):
+class AestheticReward(BatchedModelReward):
     name = "aesthetic"
 
     def __init__(self, model: str, head: str | None, revision: str | None = None, batch_size: int = 16):
         self.source, self.head_path, self.revision, self.batch_size = model, head, revision, batch_size
-        self._model: CLIPModel | None = None
 
-    def load(self) -> None:
-        if self._model is not None:
-            return
+    def build(self) -> CLIPModel:
         if self.head_path is None or not Path(self.head_path).is_file():
             raise FileNotFoundError(f"aesthetic head {self.head_path!r} does not exist: expected a safetensors file "
                                     "of the predictor's MLP (README: how to convert the published .pth)")
@@ -104,21 +90,14 @@ class AestheticReward(Reward):
         if set(weights) != expected:
             raise ValueError(f"aesthetic head {self.head_path!r} holds {sorted(weights)}, expected {sorted(expected)}")
         model, self._processor = load_pretrained(CLIPModel, AutoProcessor, self.source, self.revision)
-        self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self._model = model.to(self._device).eval()
-        self._head = [(weights[f"layers.{i}.weight"].to(self._device), weights[f"layers.{i}.bias"].to(self._device))
-                      for i in AESTHETIC_LAYERS]
+        self._head = [(weights[f"layers.{i}.weight"].to(self._device).float(),
+                       weights[f"layers.{i}.bias"].to(self._device).float()) for i in AESTHETIC_LAYERS]
+        return model
 
-    @torch.no_grad()
-    def score(self, images: list[Image.Image], metadata: list[dict]) -> list[RewardResult]:
-        self.load()
-        values = []
-        for start in range(0, len(images), self.batch_size):
-            batch = [image.convert("RGB") for image in images[start:start + self.batch_size]]
-            pixels = self._processor(images=batch, return_tensors="pt")["pixel_values"].to(self._device)
-            hidden = torch.nn.functional.normalize(self._model.get_image_features(pixel_values=pixels).pooler_output
-                                                   .float(), dim=-1)
-            for weight, bias in self._head:  # dropout is off at inference: the MLP is its linear layers
-                hidden = torch.nn.functional.linear(hidden, weight.float(), bias.float())
-            values += hidden.squeeze(-1).tolist()
-        return [RewardResult(value) for value in values]
+    def score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+        pixels = self._processor(images=images, return_tensors="pt")["pixel_values"].to(self._device)
+        hidden = self._model.get_image_features(pixel_values=pixels).pooler_output
+        hidden = torch.nn.functional.normalize(hidden.float(), dim=-1)
+        for weight, bias in self._head:  # dropout is off at inference: the MLP is its linear layers
+            hidden = torch.nn.functional.linear(hidden, weight, bias)
+        return hidden.squeeze(-1)

@@ -24,8 +24,7 @@ from transformers import AutoTokenizer, BlipTextConfig, BlipVisionConfig, CLIPIm
 from transformers.models.blip.modeling_blip import BlipVisionModel
 from transformers.models.blip.modeling_blip_text import BlipTextModel
 
-from gdro_ray.rewards.base import Reward, RewardResult
-from gdro_ray.rewards.loading import read_checkpoint
+from gdro_ray.rewards.loading import BatchedModelReward, read_checkpoint
 
 MEAN, STD = 0.16717362830052426, 1.0333394966054072  # of the head's output over ImageReward's training set
 PROMPT_TOKENS = 35  # ImageReward pads and truncates every prompt to this
@@ -137,16 +136,13 @@ def convert(checkpoint: str | Path, tokenizer: str, out: str | Path) -> Path:
     return out
 
 
-class ImageRewardScore(Reward):
+class ImageRewardScore(BatchedModelReward):
     name = "imagereward"
 
     def __init__(self, model: str | None, batch_size: int = 16):
         self.source, self.batch_size = model, batch_size
-        self._model: ImageRewardModel | None = None
 
-    def load(self) -> None:
-        if self._model is not None:
-            return
+    def build(self) -> ImageRewardModel:
         directory = Path(self.source) if self.source else None
         if directory is None or not (directory / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"ImageReward model {self.source!r} is not a converted model directory (no "
@@ -156,21 +152,13 @@ class ImageRewardScore(Reward):
         model.load_state_dict(load_file(directory / "model.safetensors"))
         self._tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
         self._processor = CLIPImageProcessor.from_pretrained(directory)
-        self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self._model = model.to(self._device).eval()
+        return model
 
-    @torch.no_grad()
-    def score(self, images: list[Image.Image], metadata: list[dict]) -> list[RewardResult]:
-        self.load()
-        values = []
-        for start in range(0, len(images), self.batch_size):
-            batch = [image.convert("RGB") for image in images[start:start + self.batch_size]]
-            words = self._tokenizer([meta["prompt"] for meta in metadata[start:start + self.batch_size]],
-                                    padding="max_length", truncation=True, max_length=PROMPT_TOKENS,
-                                    return_tensors="pt").to(self._device)
-            pixels = self._processor(images=batch, return_tensors="pt")["pixel_values"].to(self._device)
-            values += self._model(pixels, words["input_ids"], words["attention_mask"]).float().tolist()
-        return [RewardResult(value) for value in values]
+    def score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+        words = self._tokenizer(prompts, padding="max_length", truncation=True, max_length=PROMPT_TOKENS,
+                                return_tensors="pt").to(self._device)
+        pixels = self._processor(images=images, return_tensors="pt")["pixel_values"].to(self._device)
+        return self._model(pixels, words["input_ids"], words["attention_mask"])
 
 
 def main(argv=None) -> None:
