@@ -43,7 +43,7 @@ class GenerationConfig:
     """Settings of one group dataset. Fields up to ``first_prompt`` decide its content (the manifest's identity)."""
 
     task: str = option("ocr", "ocr, geneval, or custom (with --prompt-file)")
-    model: str = option(DEFAULT_MODEL, "'tiny' (the embedded model), a diffusers FLUX directory, or a hub id")
+    model: str = option(DEFAULT_MODEL, "'tiny' (the embedded model), a diffusers FLUX or SD3 directory, or a hub id")
     revision: str | None = option(None, "hub revision of --model")
     prompt_file: str | None = option(None, "a .txt (one OCR prompt a line) or GenEval .jsonl file",
                                      aliases=("--train-prompt-file",))

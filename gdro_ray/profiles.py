@@ -1,53 +1,24 @@
 """What a model name means: the one place that answers it.
 
-A model name is "tiny" (the tiny FLUX embedded in the package) or a real checkpoint (a diffusers FLUX
-directory or a hub id). Everything that differs between them is a field of its ModelProfile: where the
+A model name is "tiny" (the tiny FLUX embedded in the package) or a real checkpoint (a diffusers directory
+or a hub id of a known model family, gdro_ray/models). Everything that differs between them is a field of its ModelProfile: where the
 weights are, how to sample by default, the training presets, the prompt set and the reward of each task,
 and the default quality judge. The tiny world's answers live in gdro_ray/tiny_world/profile.py; the rest of
 the package asks here and never branches on a model name.
 """
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from gdro_ray.cli import option
 from gdro_ray.data.prompts import PROMPT_SETS, PromptRecord, load_prompts, prompt_file_kind
-from gdro_ray.models import SamplerSettings, check_model_source
+from gdro_ray.models import ModelFamily, SamplerSettings, family_of, model_families
+from gdro_ray.presets import FLOW_GRPO, PAPER_IMAGES_PER_PROMPT, PAPER_OBJECTIVE_PRESETS, TASKS
 from gdro_ray.rewards import DEFAULT_SPECS, MIX, check_mix
 from gdro_ray.rewards.quality import QualityJudge
 from gdro_ray.rewards.vlm_judge import JUDGE_MODES
 
 DEFAULT_MODEL = "tiny"
-TASKS = ("ocr", "geneval")
-
-# From the paper (GDRO, section 4): tau, gamma, beta and k per task, a LoRA of rank 32 with an EMA, 16 images
-# generated a prompt (PAPER_IMAGES_PER_PROMPT), 512x512 images. Its beta is read here on the mean over
-# latent elements, which is how public flow-DPO code reduces the velocity error (README, "Conventions").
-FROM_THE_PAPER = {
-    "ocr": dict(tau=0.05, gamma=0.5, beta=12.0, k=6, lora_rank=32),
-    "geneval": dict(tau=0.05, gamma=1.0, beta=6.0, k=6, lora_rank=32),
-}
-PAPER_IMAGES_PER_PROMPT = 16
-# Ours, not the paper's (its summary gives no schedule): steps, learning rate, alpha = rank; the EMA decay is
-# TrainConfig's default, 0.99.
-OUR_FLUX_SCHEDULE = {
-    "ocr": dict(steps=300, lr=3e-4, lora_alpha=32.0),
-    "geneval": dict(steps=700, lr=3e-4, lora_alpha=32.0),
-}
-PAPER_PRESETS = {task: {**FROM_THE_PAPER[task], **OUR_FLUX_SCHEDULE[task]} for task in TASKS}
-# The other objectives change the GDRO preset where their sources say so. "pl" is the paper's rank-loss ablation
-# (only the loss changes) and "sft" uses neither beta nor gamma. Diffusion-DPO (Wallace et al., CVPR 2024) scales
-# the mean velocity-error difference by beta_dpo / 2 with beta_dpo = 5000, so 2500 here, and has no fine-tuning
-# term. DGPO's configs (config/dgpo.py, its OCR and GenEval runs) set beta_dpo = 100 on the same mean and weigh
-# its KL to the reference, ||v_theta - v_ref||^2, by 0.02; its PPO clipping against the policy that sampled
-# belongs to its online loop and is left out offline.
-PAPER_OBJECTIVE_PRESETS = {"dpo": dict(beta=2500.0, gamma=0.0), "dgpo": dict(beta=100.0, gamma=0.0, kl=0.02)}
-# The online baseline, from Flow-GRPO's published configs (config/base.py and config/grpo.py, its OCR and GenEval
-# runs): the SDE's noise level 0.7, 10 sampler steps a rollout trained on int(10 x 0.99) = 9, PPO clip 1e-4, KL
-# weight 0.04, lr 3e-4, LoRA rank 32 with alpha 64, groups of 16 (its 4-GPU configs; 24 on 8 GPUs). Steps: ours.
-FLOW_GRPO = dict(noise_level=0.7, sample_steps=10, train_fraction=0.99, clip_range=1e-4, kl_beta=0.04, lr=3e-4,
-                 lora_rank=32, lora_alpha=64.0)
-PAPER_ONLINE_PRESETS = {task: {**FLOW_GRPO, "images_per_prompt": 16, "steps": 1000} for task in TASKS}
 
 
 @dataclass(frozen=True)
@@ -100,18 +71,20 @@ class ModelProfile:
         return {**known[name], **overrides, "name": name}
 
 
-FLUX_PROFILE = ModelProfile(
-    weights="",  # the model name itself
-    sampler=SamplerSettings(height=512, width=512, num_steps=28),  # FLUX.1-dev's 28 Euler steps
-    preset="paper",
-    presets=PAPER_PRESETS,
-    objective_presets=PAPER_OBJECTIVE_PRESETS,
-    online_presets=PAPER_ONLINE_PRESETS,
-    images_per_prompt=PAPER_IMAGES_PER_PROMPT,
-    prompt_sets=PROMPT_SETS,
-    rewards={task: DEFAULT_SPECS[task] for task in TASKS},
-    judge=None,
-)
+def family_profile(model: str, family: ModelFamily) -> ModelProfile:
+    """A real checkpoint's profile: its family's sampler and presets, the benchmarks' prompts and rewards."""
+    return ModelProfile(
+        weights=model,
+        sampler=family.sampler,
+        preset=family.preset,
+        presets=family.presets,
+        objective_presets=PAPER_OBJECTIVE_PRESETS,
+        online_presets=family.online_presets,
+        images_per_prompt=PAPER_IMAGES_PER_PROMPT,
+        prompt_sets=PROMPT_SETS,
+        rewards={task: DEFAULT_SPECS[task] for task in TASKS},
+        judge=None,
+    )
 
 
 def check_prompt_file(task: str, prompt_file: str) -> None:
@@ -130,8 +103,7 @@ def profile_for(model: str) -> ModelProfile:
         return ModelProfile(tiny.WEIGHTS, tiny.SAMPLER, tiny.PRESET, tiny.PRESETS, tiny.OBJECTIVE_PRESETS,
                             {task: {**FLOW_GRPO, **values} for task, values in tiny.ONLINE_PRESETS.items()},
                             tiny.IMAGES_PER_PROMPT, tiny.PROMPT_SETS, tiny.REWARDS, tiny.quality_judge)
-    check_model_source(model)
-    return replace(FLUX_PROFILE, weights=model)
+    return family_profile(model, family_of(model))
 
 
 def preset_values(preset: str, task: str, objective: str = "gdro") -> dict:
@@ -147,7 +119,8 @@ def online_preset_values(preset: str, task: str) -> dict:
 
 
 def _preset_profile(preset: str) -> ModelProfile:
-    profiles = {profile.preset: profile for profile in (FLUX_PROFILE, profile_for(DEFAULT_MODEL))}
+    profiles = {family.preset: family_profile(family.name, family) for family in model_families().values()}
+    profiles[profile_for(DEFAULT_MODEL).preset] = profile_for(DEFAULT_MODEL)
     if preset not in profiles:
         raise ValueError(f"unknown preset {preset!r}; known: {sorted(profiles)}")
     return profiles[preset]

@@ -1,4 +1,4 @@
-"""Align a FLUX model with GDRO, fully offline: generate and score groups, train a LoRA, evaluate.
+"""Align a rectified-flow model (FLUX, SD3) with GDRO, fully offline: generate and score groups, train a LoRA, evaluate.
 
     python jobs/align.py --task ocr                                  # the embedded tiny FLUX, local Ray
     python jobs/align.py --task geneval --steps 200 --beta 8         # any training field as a flag

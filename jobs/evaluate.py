@@ -26,7 +26,7 @@ class EvaluateSettings(JudgeSettings):
     lora: str = option("", "the aligned LoRA directory (diffusers format); required")
     data: str | None = option(None, "the group dataset the LoRA was trained on")
     task: str = option("ocr", "without --data: the task", choices=TASKS)
-    model: str = option(DEFAULT_MODEL, "without --data: 'tiny', a diffusers FLUX directory, or a hub id")
+    model: str = option(DEFAULT_MODEL, "without --data: 'tiny', a diffusers FLUX or SD3 directory, or a hub id")
     seed: int = option(0, "without --data: the dataset seed, which decides the held-out split")
     eval_prompt_file: str | None = option(None, "evaluate on this file's prompts, e.g. GenEval's 553 of "
                                                 "evaluation_metadata.jsonl or Flow-GRPO's OCR test.txt")

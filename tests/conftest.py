@@ -1,5 +1,6 @@
 import importlib.util
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,13 @@ def sampler(num_steps: int = 2, **settings) -> SamplerSettings:
     """Sampler settings at the tiny pipeline's image size."""
     return SamplerSettings(IMAGE_SIZE, IMAGE_SIZE, num_steps, **settings)
 REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A port nothing listens on now (a fixed one may be another test run's)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

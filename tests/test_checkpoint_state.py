@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from diffusers.optimization import get_scheduler
 
-from conftest import sampler
+from conftest import free_port, sampler
 from gdro_ray.config import TrainConfig
 from gdro_ray.models import FluxModel, LoraSpec
 from gdro_ray.train.strategies import DataParallelStrategy, DeepSpeedStrategy
@@ -16,7 +16,7 @@ from gdro_ray.train.strategies import DataParallelStrategy, DeepSpeedStrategy
 @pytest.fixture(scope="module")
 def process_group():
     """A one-process gloo group, as Ray Train sets up on each CPU worker."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
     dist.destroy_process_group()

@@ -10,7 +10,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,17 +20,13 @@ import psutil
 import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from conftest import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SMALL_RUN = ["--num-prompts", "8", "--k-gen", "4", "--k", "3", "--num-steps", "4", "--steps", "4",
              "--groups-per-step", "2", "--checkpoint-every", "2", "--eval-every", "2", "--train-eval-prompts", "2",
              "--train-eval-images-per-prompt", "2"]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +40,10 @@ def ray_head():
         env.setenv("RAY_AUTH_TOKEN", token)
         env.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")  # the jobs' `python` is this environment's
         env.delenv("RAY_ADDRESS", raising=False)
-        dashboard = _free_port()
-        subprocess.run([BIN / "ray", "start", "--head", "--num-cpus", "2", "--port", str(_free_port()),
-                        "--dashboard-port", str(dashboard), "--ray-client-server-port", str(_free_port()),
-                        "--dashboard-agent-listen-port", str(_free_port()), "--temp-dir", str(temp),
+        dashboard = free_port()
+        subprocess.run([BIN / "ray", "start", "--head", "--num-cpus", "2", "--port", str(free_port()),
+                        "--dashboard-port", str(dashboard), "--ray-client-server-port", str(free_port()),
+                        "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", str(temp),
                         "--disable-usage-stats"], check=True, capture_output=True)
         try:
             yield _client(f"http://127.0.0.1:{dashboard}", token)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gdro_ray"
 LOWER = ("gdro_ray.flow", "gdro_ray.objective", "gdro_ray.policy_gradient", "gdro_ray.models", "gdro_ray.rewards",
-         "gdro_ray.data")
+         "gdro_ray.data", "gdro_ray.presets")
 SEAM = "gdro_ray.profiles"  # the one module that reads a model name
 
 

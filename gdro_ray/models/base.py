@@ -16,39 +16,19 @@ from gdro_ray.flow import TimestepSampler
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the weights file of a LoRA directory in diffusers' format
 
-# FLUX's attention and feed-forward projections, in the double-stream and single-stream blocks.
-FLUX_LORA_TARGETS = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "ff_context.net.0.proj",
-    "ff_context.net.2",
-    "proj_mlp",
-)
-
-
 @dataclass(frozen=True)
 class LoraSpec:
     """A LoRA adapter: rank, scale alpha (the update is scaled by alpha / rank) and target modules,
-    named as module-name suffixes of the transformer."""
+    named as module-name suffixes of the transformer (empty: the model family's own)."""
 
     rank: int = 32
     alpha: float = 32.0
-    target_modules: tuple[str, ...] = FLUX_LORA_TARGETS
+    target_modules: tuple[str, ...] = ()
     dropout: float = 0.0
 
     def __post_init__(self):
         if self.rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
-        if not self.target_modules:
-            raise ValueError("LoRA target_modules must name at least one module")
 
 
 @dataclass(frozen=True)
@@ -84,8 +64,8 @@ class SamplerSettings:
 
 @dataclass
 class PromptEmbeddings:
-    """Text conditioning, computed once per prompt and reused: T5 sequence embeddings (B, L, D),
-    the pooled CLIP embedding (B, P) and FLUX's text position ids (L, 3)."""
+    """Text conditioning, computed once per prompt and reused: sequence embeddings (B, L, D), the pooled
+    embedding (B, P) and FLUX's text position ids (L, 3; zeros for families without them)."""
 
     sequence: torch.Tensor
     pooled: torch.Tensor
@@ -191,3 +171,19 @@ class FlowModel(ABC):
 
     @abstractmethod
     def load_lora(self, directory: str | Path) -> None: ...
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What a model family is: how a checkpoint is recognised, its adapter, and how it samples and trains by
+    default. A family module (gdro_ray/models/*.py) declares one as FAMILY; gdro_ray.models.families finds it."""
+
+    name: str
+    pipeline_class: str  # model_index.json's _class_name of its diffusers checkpoints
+    hub_names: str  # a regular expression that recognises its hub ids without the network
+    model: type  # its FlowModel subclass, with from_pretrained(source, device, revision, text_encoders)
+    sampler: SamplerSettings  # how its checkpoints sample when nothing else is asked
+    preset: str  # the name of its training presets (--preset)
+    presets: dict  # task -> TrainConfig values
+    online_presets: dict  # task -> OnlineConfig values
+    source: str  # where the numbers come from, in a sentence

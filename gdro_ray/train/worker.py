@@ -205,7 +205,7 @@ def report(run: WorkerRun, metrics: dict, writer, console: StageProgress, checkp
         ray.train.report(metrics)
         return
     # Every rank writes its part (DeepSpeed: its optimiser shard) into one checkpoint; rank 0 adds the LoRA
-    # and its EMA in diffusers' format, ready to load with FluxPipeline.load_lora_weights.
+    # and its EMA in diffusers' format, ready to load with the pipeline's load_lora_weights.
     with tempfile.TemporaryDirectory() as directory:
         directory = Path(directory)
         run.strategy.save(directory, {"step": step, "ema": run.ema.state_dict() if run.ema is not None else None,
