@@ -3,7 +3,8 @@
 A run directory of the align job (offline, GDRO) or of the online job (Flow-GRPO) holds all it needs: the
 held-out evaluations during training and the compute meter's running totals in RUN/train/tensorboard (a report
 comes at every evaluation step), the group dataset's cost in RUN/groups/manifest.json (offline only: spent
-before step 0), and the final evaluation in RUN/summary.json. A run of the compare job (COMPARE/runs/NAME) reads
+before step 0; a later round's, RUN/round-R/groups, after the step the round before it stopped at, which its
+LoRA's config.yaml records), and the final evaluation in RUN/summary.json. A run of the compare job (COMPARE/runs/NAME) reads
 its shared dataset's cost in COMPARE/groups and its final evaluation in its result.json.
 """
 
@@ -11,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from gdro_ray.config import read_yaml
 from gdro_ray.data.manifest import read_dataset_manifest
 from gdro_ray.evaluate import mean_and_standard_error
 from gdro_ray.plots import plot_compute_curves, read_scalars
@@ -36,14 +38,8 @@ class ComputeCurve:
         scalars = read_scalars(run / "train" / "tensorboard")
         if "eval/reward" not in scalars or "train/compute_forward_passes" not in scalars:
             raise ValueError(f"{str(run)!r} has no held-out evaluations or no compute meter in its TensorBoard log")
-        spent = {"forward_passes": 0.0, "seconds": 0.0}
         compared = (run / "result.json").is_file()  # a run of the compare job, on its shared dataset
-        groups = run.parent.parent / "groups" if compared else run / "groups"
-        if groups.is_dir():
-            generation = read_dataset_manifest(groups)["counts"].get("compute")
-            if generation is None:
-                raise ValueError(f"the dataset in {str(groups)!r} was made before the compute meter")
-            spent = {"forward_passes": generation["forward_passes"], "seconds": sum(generation["seconds"].values())}
+        datasets = dataset_costs(run.parent.parent / "groups" if compared else run / "groups", run)
         forwards = {0: 0.0, **dict(zip(*scalars["train/compute_forward_passes"]))}
         seconds = {0: 0.0}
         for tag, (steps, values) in scalars.items():
@@ -54,10 +50,30 @@ class ComputeCurve:
         reward, quality, corrected = (dict(zip(*scalars[f"eval/{name}"])) for name in CURVES)
         final = json.loads((run / "result.json").read_text()) if compared else \
             json.loads((run / "summary.json").read_text())["aligned"]
-        return cls(steps, [spent["forward_passes"] + forwards[s] for s in steps],
-                   [spent["seconds"] + seconds[s] for s in steps], [reward[s] for s in steps],
+
+        def spent(step: int, name: str) -> float:  # on the datasets made before this step was trained
+            return sum(cost[name] for after, cost in datasets if step > after)
+
+        return cls(steps, [spent(s, "forward_passes") + forwards[s] for s in steps],
+                   [spent(s, "seconds") + seconds[s] for s in steps], [reward[s] for s in steps],
                    [quality[s] for s in steps], [corrected[s] for s in steps],
                    {name: final[name] for name in CURVES})
+
+
+def dataset_costs(first: Path, run: Path) -> list[tuple[int, dict]]:
+    """The group datasets a run trained on: (the step after which it was used, -1 for the first; its cost)."""
+    rounds = [(-1, first)] if first.is_dir() else []
+    for groups in sorted(run.glob("round-*/groups"), key=lambda path: int(path.parent.name.split("-")[1])):
+        previous = run / f"round-{int(groups.parent.name.split('-')[1]) - 1}" / "lora" / "config.yaml"
+        rounds.append((read_yaml(previous)["stop_at"], groups))
+    costs = []
+    for after, groups in rounds:
+        generation = read_dataset_manifest(groups)["counts"].get("compute")
+        if generation is None:
+            raise ValueError(f"the dataset in {str(groups)!r} was made before the compute meter")
+        costs.append((after, {"forward_passes": generation["forward_passes"],
+                              "seconds": sum(generation["seconds"].values())}))
+    return costs
 
 
 def mean_curve(curves: list[ComputeCurve]) -> ComputeCurve:

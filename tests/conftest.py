@@ -3,14 +3,16 @@ import os
 import socket
 from pathlib import Path
 
-import pytest
-import ray
-import torch
-from transformers import CLIPConfig, CLIPModel, CLIPProcessor
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-# Tests never touch the network: a hub lookup fails fast instead of hanging.
+# Tests never touch the network: a hub lookup fails fast instead of waiting for its timeouts. Set before
+# huggingface_hub is imported (by transformers, diffusers), which reads it once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+from transformers import CLIPConfig, CLIPModel, CLIPProcessor  # noqa: E402
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402
+
 torch.set_num_threads(2)
 
 from gdro_ray.models import FluxModel, SamplerSettings  # noqa: E402

@@ -19,53 +19,21 @@ def align_job(load_script):
     return load_script("jobs/align.py")
 
 
-def test_a_small_align_run_fills_its_run_directory_and_a_rerun_skips_every_stage(local_ray, align_job, tmp_path, capsys):
+def test_a_small_align_run_in_two_rounds_fills_its_run_directory_and_a_rerun_skips_every_stage(
+        local_ray, align_job, tmp_path, capsys):
+    """Two rounds: round 2 trains on the split's next prompts, generated with round 1's policy, which is also its
+    cached reference."""
     run = tmp_path / "run"
-    summary = align_job.main(["--task", "geneval", "--out", str(run), *SMALL])
+    arguments = ["--task", "geneval", "--out", str(run), "--rounds", "2", "--round-prompts", "new", "--reference",
+                 "cached", "--round-reference", "previous", *SMALL]
+    summary = align_job.main(arguments)
 
-    for path in ("groups/manifest.json", "eval_set/eval_set.json", "train/lora/pytorch_lora_weights.safetensors",
-                 "train/lora/config.yaml", "training_curves.png", "eval_curve.png", "eval/base.json", "eval/base.csv",
-                 "eval/aligned.json", "eval/aligned.csv", "eval/summary.json", "eval/comparison.png", "summary.json"):
+    for path in ("groups/manifest.json", "round-2/groups/manifest.json", "eval_set/eval_set.json",
+                 "train/lora/pytorch_lora_weights.safetensors", "train/lora/config.yaml", "round-1/lora/config.yaml",
+                 "training_curves.png", "eval_curve.png", "eval/base.json", "eval/base.csv", "eval/aligned.json",
+                 "eval/aligned.csv", "eval/summary.json", "eval/comparison.png", "summary.json"):
         assert (run / path).is_file(), path
     assert set(summary) == {"base", "aligned", "change", "judge", "held_out", "compute", "pictures"}
-    # The meter, counted: 4 sampler steps per image; 4 steps of 2 groups x 3 members, each a policy forward, a
-    # reference forward and a backward (two forwards).
-    groups = json.loads((run / "groups" / "manifest.json").read_text())["counts"]["groups"]
-    compute = summary["compute"]
-    assert compute["generation"]["forward_passes"] == groups * 4 * 4
-    assert compute["generation"]["reward_calls"] == groups * 4
-    assert compute["training"]["forward_passes"] == 4 * 2 * 3 * 4 and compute["training"]["seconds"]["training"] > 0
-    assert compute["total"]["forward_passes"] == groups * 16 + 96
-    # Against compute: the dataset's cost comes before step 0; the report sets a method against another.
-    curve = ComputeCurve.of_run(run)
-    assert curve.steps == [0, 2, 4] and curve.forward_passes == [groups * 16, groups * 16 + 48, groups * 16 + 96]
-    report = compute_report({"gdro": [run], "again": [run]}, tmp_path / "compute")
-    assert "gdro reached again's last held-out reward" in report and (tmp_path / "compute" / "compute.png").is_file()
-    for name in ("base", "aligned"):
-        assert summary[name]["images"] == 4 and 1.0 <= summary[name]["quality"] <= 5.0
-    assert json.loads((run / "summary.json").read_text())["aligned"] == summary["aligned"]
-    # GenEval's own metric beside the partial-credit reward, at the end and during training
-    assert set(summary["base"]["geneval"]) == {"overall", "per_tag", "images"}
-    assert "eval/geneval" in read_scalars(run / "train" / "tensorboard")
-    lora = run / "train" / "lora" / "pytorch_lora_weights.safetensors"
-    written = lora.stat().st_mtime_ns
-    console = capsys.readouterr()
-    # One metric line per reported step, from rank 0 only; no library output, no raw reports.
-    assert [line.split("  ")[0] for line in console.out.splitlines() if line.startswith("step ")] == \
-        ["step 2/4", "step 4/4"]
-    assert "TrainingReport" not in console.out + console.err and "DeepSpeed" not in console.out + console.err
-
-    again = align_job.main(["--task", "geneval", "--out", str(run), *SMALL])
-    log = capsys.readouterr().out
-    assert "groups: complete" in log and "training: complete" in log
-    assert lora.stat().st_mtime_ns == written
-    assert again["aligned"] == summary["aligned"]
-
-
-def test_rounds_generate_each_later_dataset_with_the_previous_rounds_policy(local_ray, align_job, tmp_path):
-    run = tmp_path / "rounds"
-    summary = align_job.main(["--task", "ocr", "--out", str(run), "--rounds", "2", "--round-prompts", "new",
-                              "--reference", "cached", "--round-reference", "previous", *SMALL])
     first, second = (json.loads((directory / "manifest.json").read_text())
                      for directory in (run / "groups", run / "round-2" / "groups"))
     assert "lora" not in first["identity"] and second["identity"]["first_prompt"] == 8  # the split's next 8
@@ -74,11 +42,45 @@ def test_rounds_generate_each_later_dataset_with_the_previous_rounds_policy(loca
     # Round 2's reference is round 1's policy, cached with its groups.
     assert second["identity"]["reference_cache"]["lora"] == second["identity"]["lora"]
     assert read_yaml(run / "round-2" / "lora" / "config.yaml")["reference_lora"] == str(lora.parent)
-    # The steps are shared out (2 a round, one training run resumed), and both datasets' cost is counted.
-    steps, _ = read_scalars(run / "train" / "tensorboard")["train/attempt_start_step"]
-    assert steps[-1] == 4 and read_scalars(run / "train" / "tensorboard")["train/attempt_start_step"][1][-1] == 2
+    # The steps are shared out (2 a round, one training run resumed).
+    scalars = read_scalars(run / "train" / "tensorboard")
+    assert scalars["train/attempt_start_step"][0][-1] == 4 and scalars["train/attempt_start_step"][1][-1] == 2
+
+    # The meter, counted: each dataset's 4 sampler steps per image and the cache's 8 draws per image, both rounds
+    # summed; 4 steps of 2 groups x 3 members, each a policy forward and a backward (two forwards), the reference
+    # read from the cache.
     generation = [manifest["counts"]["compute"]["forward_passes"] for manifest in (first, second)]
-    assert summary["compute"]["generation"]["forward_passes"] == sum(generation) > 0
+    assert generation[0] == first["counts"]["groups"] * 4 * (4 + 8)
+    compute = summary["compute"]
+    assert compute["generation"]["forward_passes"] == sum(generation)
+    assert compute["generation"]["reward_calls"] == (first["counts"]["groups"] + second["counts"]["groups"]) * 4
+    assert compute["training"]["forward_passes"] == 4 * 2 * 3 * 3 and compute["training"]["seconds"]["training"] > 0
+    assert compute["total"]["forward_passes"] == sum(generation) + 72
+    # Against compute: the first dataset's cost comes before step 0, round 2's after step 2, where round 1 stopped.
+    curve = ComputeCurve.of_run(run)
+    assert curve.steps == [0, 2, 4]
+    assert curve.forward_passes == [generation[0], generation[0] + 36, sum(generation) + 72]
+    report = compute_report({"gdro": [run], "again": [run]}, tmp_path / "compute")
+    assert "gdro reached again's last held-out reward" in report and (tmp_path / "compute" / "compute.png").is_file()
+    for name in ("base", "aligned"):
+        assert summary[name]["images"] == 4 and 1.0 <= summary[name]["quality"] <= 5.0
+    assert json.loads((run / "summary.json").read_text())["aligned"] == summary["aligned"]
+    # GenEval's own metric beside the partial-credit reward, at the end and during training
+    assert set(summary["base"]["geneval"]) == {"overall", "per_tag", "images"}
+    assert "eval/geneval" in scalars
+    final = run / "train" / "lora" / "pytorch_lora_weights.safetensors"
+    written = final.stat().st_mtime_ns
+    console = capsys.readouterr()
+    # One metric line per reported step, from rank 0 only; no library output, no raw reports.
+    assert [line.split("  ")[0] for line in console.out.splitlines() if line.startswith("step ")] == \
+        ["step 2/4", "step 4/4"]
+    assert "TrainingReport" not in console.out + console.err and "DeepSpeed" not in console.out + console.err
+
+    again = align_job.main(arguments)
+    log = capsys.readouterr().out
+    assert "groups: complete" in log and "training: complete" in log
+    assert final.stat().st_mtime_ns == written
+    assert again["aligned"] == summary["aligned"]
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import ray.train
 import torch
 import torch.distributed as dist
@@ -64,7 +65,8 @@ def train_worker(values: dict, evaluator: Evaluator | None = None, progress: Sta
         if checkpointing or evaluating or step % config.log_every == 0:
             metrics = {"step": step, "attempt_start_step": attempt_start, **window.flush(),
                        "grad_norm": run.strategy.grad_norm(), "lr": run.scheduler.get_last_lr()[0],
-                       "skipped_nonfinite": guard.skipped, **last_eval}
+                       "skipped_nonfinite": guard.skipped, "worker_rss_mb": largest_resident_memory(run.device),
+                       **last_eval}
             report(run, metrics, writer, console, checkpoint=checkpointing)
     if writer is not None:
         writer.close()
@@ -150,7 +152,8 @@ def restore(run: WorkerRun, console: StageProgress) -> int:
         rng_file = Path(directory) / f"rng-{run.rank}.pt"
         if rng_file.exists():  # absent when an elastic restart has more workers than before
             run.generator.set_state(torch.load(rng_file, weights_only=True))
-    console.message(f"resumed at step {client_state['step']} from {checkpoint.path}")
+    console.message(f"resumed at step {client_state['step']} on {run.world} worker{'s' if run.world > 1 else ''} "
+                    f"from {checkpoint.path}")
     return client_state["step"]
 
 
@@ -267,6 +270,14 @@ def _metered(run: WorkerRun) -> ComputeMeter:
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
     now = ComputeMeter(int(counts[0]), int(counts[1]), dict(zip(stages, seconds.tolist())))
     return now.add(run.metered_before) if run.metered_before else now
+
+
+def largest_resident_memory(device: torch.device) -> float:
+    """The largest resident memory of any worker process, in MiB: flat over an epoch when the data streams."""
+    resident = torch.tensor([psutil.Process().memory_info().rss / 2**20], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(resident, op=dist.ReduceOp.MAX)
+    return float(resident.item())
 
 
 def finite_everywhere(loss: torch.Tensor, device: torch.device) -> bool:

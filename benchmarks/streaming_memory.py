@@ -1,0 +1,60 @@
+"""Does a large group dataset stream through training in bounded memory? One epoch over it, twice, side by side:
+streamed (--replay-limit-mb 0: nothing kept) and with the in-memory replay (the default limit, which this
+dataset fits), printing the workers' largest resident memory at the first report, its peak and at the end
+(training's worker_rss_mb metric, from the run's TensorBoard log).
+
+    python benchmarks/streaming_memory.py                       # 5,000 groups of the tiny model, k = 2
+    python benchmarks/streaming_memory.py --groups 20000 --out runs/streaming-20k
+
+The dataset (tiny model, 1 sampler step, the brightness reward: the images' content does not matter here) is
+made once in OUT/groups and reused; each training run resumes or is read back if it finished.
+"""
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKERS, GROUPS_PER_STEP = 2, 4
+
+
+def run(arguments: list[str]) -> None:
+    subprocess.run([sys.executable, *arguments], cwd=ROOT, check=True)
+
+
+def resident_memory(run_directory: Path) -> list[float]:
+    events = EventAccumulator(str(run_directory / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return [event.value for event in events.Scalars("train/worker_rss_mb")]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--groups", type=int, default=5000)
+    parser.add_argument("--out", default="runs/streaming")
+    args = parser.parse_args()
+    out = Path(args.out).resolve()
+    data = out / "groups"
+    run(["jobs/generate.py", "--task", "ocr", "--num-prompts", str(args.groups), "--k", "2", "--num-steps", "1",
+         "--reward", '{"name": "brightness"}', "--prompts-per-batch", "64", "--out", str(data), "--no-progress"])
+    steps = args.groups // (WORKERS * GROUPS_PER_STEP)  # one epoch
+    rows = []
+    for name, limit in (("streamed", "0"), ("replayed", "2048")):
+        run(["jobs/train.py", "--data", str(data), "--task", "ocr", "--k", "2", "--steps", str(steps),
+             "--num-workers", str(WORKERS), "--groups-per-step", str(GROUPS_PER_STEP), "--replay-limit-mb", limit,
+             "--checkpoint-every", str(steps), "--log-every", str(max(steps // 50, 1)), "--storage-path", str(out),
+             "--name", name])
+        memory = resident_memory(out / name)
+        rows.append((name, limit, memory[0], max(memory), memory[-1]))
+    print(f"\n{args.groups} groups, one epoch of {steps} steps on {WORKERS} workers; the largest worker's resident "
+          "memory (MiB):")
+    print("| run | replay limit (MiB) | first report | peak | end | end / first |\n|---|---|---|---|---|---|")
+    for name, limit, first, peak, end in rows:
+        print(f"| {name} | {limit} | {first:.0f} | {peak:.0f} | {end:.0f} | {end / first:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
