@@ -72,10 +72,14 @@ class StageConsole:
     through it. A thread here draws what arrives."""
 
     def __init__(self, total: int, description: str, unit: str):
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        # A queue actor of no CPU: the stages' plans leave none spare on a small cluster.
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        # A queue actor of no CPU (the stages' plans leave none spare on a small cluster) on the driver's own node:
+        # on a worker node it would go with that node, and every report through it after (benchmarks/faults.py).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.remote = StageProgress(self.queue)
         self.bar = tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True, delay=0.1)
         self.stopped = threading.Event()
@@ -120,7 +124,7 @@ class StageProgress:
 
     def advance(self, count: int = 1) -> None:
         if self.queue is not None and not self.silent:
-            self.queue.put_nowait(("advance", count))
+            self._put(("advance", count))
 
     def metrics(self, step: int, total: int, metrics: dict) -> None:
         self._send(("metrics", step, total, metrics), metric_line(step, total, metrics))
@@ -134,7 +138,15 @@ class StageProgress:
         if self.queue is None:
             print(text, flush=True)
         else:
+            self._put(item)
+
+    def _put(self, item) -> None:
+        from ray.exceptions import RayActorError
+
+        try:
             self.queue.put_nowait(item)
+        except RayActorError:  # the driver's console is gone: the work goes on without it
+            self.queue, self.silent = None, True
 
 
 def add_verbose_argument(parser) -> None:
