@@ -6,6 +6,7 @@ every stage's resource plan has to fit 2 CPUs, or the job has to say at its star
 """
 
 import contextlib
+import csv
 import json
 import os
 import secrets
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from conftest import free_port
@@ -104,13 +106,42 @@ def test_an_align_job_submitted_to_a_2_cpu_head_finishes(ray_head, tmp_path):
     assert "corrected" in logs and f"{summary['aligned']['reward']:.3f}" in logs  # the printed table
 
 
-def test_a_sweep_submitted_to_a_2_cpu_head_finishes(ray_head, tmp_path):
+def test_a_sweep_submitted_to_a_2_cpu_head_stops_a_trial_early_writes_a_preset_align_accepts_and_resumes(
+        ray_head, load_script, tmp_path):
     run = tmp_path / "sweep"
-    status, logs = submit_and_wait(ray_head, ["python", "tune/sweep.py", "--task", "ocr", "--out", str(run),
-                                              *SMALL_RUN, "--num-workers", "1", "--num-samples", "2",
-                                              "--grace-period", "2", "--k-choices", "2,3"], 600)
+    # The trial after the preset samples a learning rate that wrecks a LoRA in two steps: its held-out
+    # corrected score at the first rung trails the preset's, and ASHA must stop it there. Glyphs, since
+    # the judge rates the base's glyphs well above 3: any reward the preset keeps then counts for it.
+    command = [
+        "python", "tune/sweep.py", "--task", "ocr", "--out", str(run), "--num-prompts", "8", "--k-gen", "4",
+        "--steps", "4", "--k", "3", "--num-workers", "1", "--groups-per-step", "2", "--warmup-steps", "0",
+        "--checkpoint-every", "2", "--eval-every", "2", "--train-eval-prompts", "4", "--train-eval-images-per-prompt",
+        "2", "--lr", "1e-4", "--num-samples", "2", "--grace-period", "2", "--reduction-factor", "2", "--lr-range",
+        "1.0,2.0", "--k-choices", "2,3",
+    ]
+    status, logs = submit_and_wait(ray_head, command, 600)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
-    assert (run / "best.yaml").is_file() and (run / "results.csv").read_text().count("\n") == 3
+    with open(run / "results.csv") as handle:
+        rows = {row["lr"]: row for row in csv.DictReader(handle)}
+    assert len(rows) == 2 and not any(row["error"] for row in rows.values())
+    preset_row, wrecked = rows.pop("0.0001"), rows.popitem()[1]
+    assert preset_row["stopped_early"] == "False" and preset_row["step"] == "4"
+    assert wrecked["stopped_early"] == "True" and wrecked["step"] == "2"
+    assert float(wrecked["eval_corrected"]) < float(preset_row["eval_corrected"])
+    best = yaml.safe_load((run / "best.yaml").read_text())
+    assert set(best) == {"task", "model", "steps", "beta", "tau", "gamma", "k", "lr"}
+    train, _ = load_script("jobs/align.py").parse_args(["--task", "ocr", "--config", str(run / "best.yaml")])
+    assert (train.beta, train.k, train.lr) == (best["beta"], best["k"], best["lr"])
+    assert preset_row["checkpoint"] and (run / "best_lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert yaml.safe_load((run / "best_lora" / "config.yaml").read_text())["lr"] == best["lr"]
+
+    # Submitted again, it restores the finished sweep instead of training again.
+    checkpoints = {path: path.stat().st_mtime_ns for path in (run / "trials").rglob("*.safetensors")}
+    assert checkpoints, "the trials checkpointed their LoRAs"
+    status, logs = submit_and_wait(ray_head, command, 300)
+    assert status == JobStatus.SUCCEEDED and "resuming the sweep" in logs, logs[-3000:]
+    assert {path: path.stat().st_mtime_ns for path in (run / "trials").rglob("*.safetensors")} == checkpoints
+    assert yaml.safe_load((run / "best.yaml").read_text()) == best
 
 
 def test_a_comparison_and_an_online_run_submitted_to_a_2_cpu_head_finish(ray_head, tmp_path):
