@@ -16,8 +16,8 @@ Trials cycle through the stages:
   training-driver   the training driver killed after a checkpoint, then the same command rerun (it resumes)
 Invariants: every prompt written once (lost, duplicated), every training run finished, the steps trained twice
 after a restart (at most --checkpoint-every a restart), and the LoRA's largest difference from an uninterrupted
-run of the same settings (0 only where the run is deterministic; Ray Data's streaming split is not, so the
-uninterrupted run is repeated once to show its own spread).
+run of the same settings (the uninterrupted run is repeated once to show its own spread: 0 when the run is
+deterministic).
 """
 
 import argparse
