@@ -253,13 +253,15 @@ def summary_table(trials: list[dict], spread: float | None) -> str:
         workers = sorted({w for t in rows for w in t.get("resumed_on_workers", [])})
         lines.append(
             f"| {stage} | {len(rows)} | {total('faults')} | "
-            + (f"{total('prompts_lost')} | {total('prompts_duplicated')} | " if stage.startswith("generation") else "| | ")
+            + (f"{total('prompts_lost')} | {total('prompts_duplicated')} | " if stage.startswith("generation")
+               else "| | ")
             + f"{sum(t['finished'] for t in rows)}/{len(rows)} | "
             + (f"{total('steps_repeated')} | {', '.join(map(str, workers)) or '-'} | " if stage.startswith("training")
                else "| | ")
             + (f"{max(differences):.2e} |" if differences else "|"))
     if spread is not None:
-        lines.append(f"\nTwo uninterrupted runs of the same settings differ by at most {spread:.2e} (their own spread).")
+        lines.append(f"\nTwo uninterrupted runs of the same settings differ by at most {spread:.2e} "
+                     "(their own spread).")
     return "\n".join(lines)
 
 

@@ -4,8 +4,8 @@ A run directory of the align job (offline, GDRO) or of the online job (Flow-GRPO
 held-out evaluations during training and the compute meter's running totals in RUN/train/tensorboard (a report
 comes at every evaluation step), the group dataset's cost in RUN/groups/manifest.json (offline only: spent
 before step 0; a later round's, RUN/round-R/groups, after the step the round before it stopped at, which its
-LoRA's config.yaml records), and the final evaluation in RUN/summary.json. A run of the compare job (COMPARE/runs/NAME) reads
-its shared dataset's cost in COMPARE/groups and its final evaluation in its result.json.
+LoRA's config.yaml records), and the final evaluation in RUN/summary.json. A run of the compare job
+(COMPARE/runs/NAME) reads its shared dataset's cost in COMPARE/groups and its final evaluation in its result.json.
 """
 
 import json

@@ -32,7 +32,8 @@ class RunConfig:
 
     # -- task and model
     task: str = field(default="ocr", metadata={"help": "the task (selects its preset)"})
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "'tiny', a diffusers FLUX or SD3 directory, or a hub id"})
+    model: str = field(default=DEFAULT_MODEL,
+                       metadata={"help": "'tiny', a diffusers FLUX or SD3 directory, or a hub id"})
     revision: str | None = field(default=None, metadata={"help": "hub revision of --model"})
     # -- optimisation
     steps: int = field(default=300, metadata={"help": "optimiser steps"})

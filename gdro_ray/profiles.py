@@ -1,10 +1,10 @@
 """What a model name means: the one place that answers it.
 
 A model name is "tiny" (the tiny FLUX embedded in the package) or a real checkpoint (a diffusers directory
-or a hub id of a known model family, gdro_ray/models). Everything that differs between them is a field of its ModelProfile: where the
-weights are, how to sample by default, the training presets, the prompt set and the reward of each task,
-and the default quality judge. The tiny world's answers live in gdro_ray/tiny_world/profile.py; the rest of
-the package asks here and never branches on a model name.
+or a hub id of a known model family, gdro_ray/models). Everything that differs between them is a field of its
+ModelProfile: where the weights are, how to sample by default, the training presets, the prompt set and the
+reward of each task, and the default quality judge. The tiny world's answers live in
+gdro_ray/tiny_world/profile.py; the rest of the package asks here and never branches on a model name.
 """
 
 from collections.abc import Callable, Iterator, Mapping

@@ -111,7 +111,8 @@ class SD3Model(DiffusersFlowModel):
             **guided,
         )[0]
         tokens = self.pack(latents)
-        return GeneratedGroup(tokens, self.decode_latents(tokens, sampler.height, sampler.width), [int(s) for s in seeds])
+        images = self.decode_latents(tokens, sampler.height, sampler.width)
+        return GeneratedGroup(tokens, images, [int(s) for s in seeds])
 
     def initial_noise(self, seeds: list[int], sampler: SamplerSettings) -> torch.Tensor:
         # One CPU generator per image: the same seed gives the same noise on any device and in any batch.
