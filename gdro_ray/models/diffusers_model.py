@@ -16,9 +16,20 @@ from diffusers import DiffusionPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from gdro_ray.models.base import FlowModel, LoraSpec
+from gdro_ray.models.base import FlowModel, LoraSpec, PromptEmbeddings, SamplerSettings
 
 ADAPTER_NAME = "default"
+# The image and text projections of an MM-DiT's joint attention (FLUX's and SD3's blocks name them alike).
+JOINT_ATTENTION_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -96,10 +107,20 @@ class DiffusersFlowModel(FlowModel):
     def unpack(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """The inverse of pack() for images of this size."""
 
-    def unconditional(self):
-        """The empty prompt's embeddings, for classifier-free guidance."""
-        self.empty_prompt = self.empty_prompt or self.encode_prompts([""])
-        return self.empty_prompt
+    def group_conditioning(self, prompt: PromptEmbeddings, count: int, sampler: SamplerSettings,
+                           unconditional: PromptEmbeddings | None = None) -> tuple[PromptEmbeddings, dict]:
+        """One prompt's embeddings for a group of `count` images, and the pipeline's negative-prompt arguments:
+        the empty prompt's embeddings (given, or encoded on first use) when the sampler guides (cfg_scale > 1)."""
+        if len(prompt) != 1:
+            raise ValueError(f"generate() takes the embeddings of one prompt, got {len(prompt)}")
+        group = prompt.select([0] * count).to(self.device, self.dtype)
+        if sampler.cfg_scale == 1:
+            return group, {}
+        if unconditional is None:
+            self.empty_prompt = self.empty_prompt or self.encode_prompts([""])
+            unconditional = self.empty_prompt
+        empty = unconditional.select([0] * count).to(self.device, self.dtype)
+        return group, dict(negative_prompt_embeds=empty.sequence, negative_pooled_prompt_embeds=empty.pooled)
 
     # -- images ----------------------------------------------------------------------------
 

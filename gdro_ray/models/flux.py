@@ -10,22 +10,14 @@ from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from gdro_ray.models.base import GeneratedGroup, ModelFamily, PromptEmbeddings, SamplerSettings
-from gdro_ray.models.diffusers_model import DiffusersFlowModel
+from gdro_ray.models.diffusers_model import JOINT_ATTENTION_TARGETS, DiffusersFlowModel
 from gdro_ray.presets import PAPER_ONLINE_PRESETS, task_presets
 
 
 class FluxModel(DiffusersFlowModel):
     PIPELINE = FluxPipeline
     # FLUX's attention and feed-forward projections, in the double-stream and single-stream blocks.
-    LORA_TARGETS = (
-        "attn.to_q",
-        "attn.to_k",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
+    LORA_TARGETS = JOINT_ATTENTION_TARGETS + (
         "ff.net.0.proj",
         "ff.net.2",
         "ff_context.net.0.proj",
@@ -84,16 +76,11 @@ class FluxModel(DiffusersFlowModel):
         self, prompt: PromptEmbeddings, seeds: list[int], sampler: SamplerSettings,
         unconditional: PromptEmbeddings | None = None,
     ) -> GeneratedGroup:
-        if len(prompt) != 1:
-            raise ValueError(f"generate() takes the embeddings of one prompt, got {len(prompt)}")
         # One CPU generator per image: the same seed gives the same noise on any device and in any batch.
         generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
-        group = prompt.select([0] * len(seeds)).to(self.device, self.dtype)
-        guided = {}
-        if sampler.cfg_scale > 1:  # FluxPipeline's true_cfg_scale: against the empty prompt, twice the cost
-            empty = (unconditional or self.unconditional()).select([0] * len(seeds)).to(self.device, self.dtype)
-            guided = dict(negative_prompt_embeds=empty.sequence, negative_pooled_prompt_embeds=empty.pooled,
-                          true_cfg_scale=sampler.cfg_scale)
+        group, guided = self.group_conditioning(prompt, len(seeds), sampler, unconditional)
+        if guided:  # FluxPipeline's true_cfg_scale: against the empty prompt, twice the cost
+            guided["true_cfg_scale"] = sampler.cfg_scale
         latents = self.pipeline(
             prompt_embeds=group.sequence,
             pooled_prompt_embeds=group.pooled,

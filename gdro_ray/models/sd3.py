@@ -14,7 +14,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from gdro_ray.models.base import GeneratedGroup, ModelFamily, PromptEmbeddings, SamplerSettings
-from gdro_ray.models.diffusers_model import DiffusersFlowModel
+from gdro_ray.models.diffusers_model import JOINT_ATTENTION_TARGETS, DiffusersFlowModel
 from gdro_ray.presets import PAPER_ONLINE_PRESETS, task_presets
 
 TIMESTEP_SCALE = 1000.0  # SD3's transformer takes the noise level times 1000
@@ -22,17 +22,7 @@ TIMESTEP_SCALE = 1000.0  # SD3's transformer takes the noise level times 1000
 
 class SD3Model(DiffusersFlowModel):
     PIPELINE = StableDiffusion3Pipeline
-    # Flow-GRPO's SD3.5 LoRA targets: the joint attention's image and text projections.
-    LORA_TARGETS = (
-        "attn.to_q",
-        "attn.to_k",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-    )
+    LORA_TARGETS = JOINT_ATTENTION_TARGETS  # Flow-GRPO's SD3.5 LoRA targets
 
     def __init__(self, pipeline: StableDiffusion3Pipeline, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None):
@@ -91,13 +81,8 @@ class SD3Model(DiffusersFlowModel):
         self, prompt: PromptEmbeddings, seeds: list[int], sampler: SamplerSettings,
         unconditional: PromptEmbeddings | None = None,
     ) -> GeneratedGroup:
-        if len(prompt) != 1:
-            raise ValueError(f"generate() takes the embeddings of one prompt, got {len(prompt)}")
-        group = prompt.select([0] * len(seeds)).to(self.device, self.dtype)
-        guided = {}
-        if sampler.cfg_scale > 1:  # against the empty prompt, twice the cost
-            empty = (unconditional or self.unconditional()).select([0] * len(seeds)).to(self.device, self.dtype)
-            guided = dict(negative_prompt_embeds=empty.sequence, negative_pooled_prompt_embeds=empty.pooled)
+        # Guided against the empty prompt (twice the cost) when cfg_scale > 1.
+        group, guided = self.group_conditioning(prompt, len(seeds), sampler, unconditional)
         latents = self.pipeline(
             prompt_embeds=group.sequence,
             pooled_prompt_embeds=group.pooled,
