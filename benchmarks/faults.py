@@ -55,6 +55,7 @@ class Sizes:
     train_steps: int = 24
     checkpoint_every: int = 4
     fault_delay: float = 5.0  # the longest random wait before a fault once the stage is under way
+    most_node_losses: int = 2  # a node-loss trial removes between one and this many nodes
 
     def generate_command(self, out: Path) -> list[str]:
         return ["jobs/generate.py", "--task", "ocr", "--num-prompts", str(self.prompts), "--k", str(self.k),
@@ -175,7 +176,8 @@ def generation_trial(cluster: LocalCluster, rng: random.Random, sizes: Sizes, ou
     first_shard = lambda: bool(shard_paths(out))  # noqa: E731
     process = cluster.job(command, log)
     if stage == "generation":
-        faults = remove_and_add_nodes(cluster, process, rng, rng.randint(1, 2), first_shard, sizes.fault_delay)
+        faults = remove_and_add_nodes(cluster, process, rng, rng.randint(1, sizes.most_node_losses), first_shard,
+                                      sizes.fault_delay)
     else:
         faults = kill_driver(process, rng, first_shard, sizes.fault_delay)
         if faults:
@@ -191,8 +193,8 @@ def training_trial(cluster: LocalCluster, rng: random.Random, sizes: Sizes, data
     after_a_checkpoint = lambda: checkpoint_registered(storage / "run")  # noqa: E731
     process = cluster.job(command, log)
     if stage == "training":
-        faults = remove_and_add_nodes(cluster, process, rng, rng.randint(1, 2), after_a_checkpoint,
-                                      sizes.fault_delay)
+        faults = remove_and_add_nodes(cluster, process, rng, rng.randint(1, sizes.most_node_losses),
+                                      after_a_checkpoint, sizes.fault_delay)
     else:
         faults = kill_driver(process, rng, after_a_checkpoint, sizes.fault_delay)
         if faults:

@@ -57,27 +57,26 @@ def test_a_small_comparison_shares_its_data_and_reads_finished_runs_back(local_r
     written = {path: path.stat().st_mtime_ns for path in (base, lora)}
     capsys.readouterr()
 
-    # A second command into the same directory: the finished runs are read back, a k=2 variation added (on the
-    # dataset with its cache, though this command trains on none), and the tables hold all three (a command with
-    # other methods adds its runs the same way).
-    rows = compare.main(["--task", "ocr", "--out", str(out), "--methods", "dgpo", "--seeds", "1", "--grid", "k=2",
-                         *SMALL])
+    # The same command again: the finished runs are read back (a command with another grid or other methods
+    # adds only its new runs, planned by plan_runs above) and the tables hold both.
+    rows = compare.main(["--task", "ocr", "--out", str(out), "--methods", "dgpo", "--seeds", "1",
+                         "--grid", "reference=cached", *SMALL])
     log = capsys.readouterr().out
-    assert "groups: complete" in log and "run 1/2" not in log and "run 2/2: dgpo-k2-seed0" in log
+    assert "groups: complete" in log and "run 1/2" not in log and "run 2/2" not in log
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in written.items())
-    assert [row["label"] for row in rows] == ["dgpo", "dgpo-k2", "dgpo-referencecached"]
+    assert [row["label"] for row in rows] == ["dgpo", "dgpo-referencecached"]
     with open(out / "results.csv") as handle:
         table = list(csv.DictReader(handle))
-    assert [row["k"] for row in table] == ["3", "2", "3"]
+    assert [row["k"] for row in table] == ["3", "3"]
     # 4 steps of 1 worker x 2 groups x k members, each a policy forward and a backward, and a reference forward
     # unless the run reads the cached one
-    assert [int(row["train_forward_passes"]) for row in table] == [4 * 2 * 3 * 4, 4 * 2 * 2 * 4, 4 * 2 * 3 * 3]
-    assert (out / "curves-dgpo.png").is_file() and "| dgpo | k=2 | 1 |" in (out / "results.md").read_text()
+    assert [int(row["train_forward_passes"]) for row in table] == [4 * 2 * 3 * 4, 4 * 2 * 3 * 3]
+    assert (out / "curves-dgpo.png").is_file() and "| dgpo | reference=cached | 1 |" in (out / "results.md").read_text()
     # A compare run against compute: its shared dataset's cost (with the cache's forwards) before step 0.
     curve = ComputeCurve.of_run(out / "runs/dgpo-referencecached-seed0")
     generation = json.loads((out / "groups/manifest.json").read_text())["counts"]["compute"]["forward_passes"]
     assert curve.forward_passes[0] == generation and curve.forward_passes[-1] == generation + 4 * 2 * 3 * 3
-    assert curve.final["reward"] == rows[2]["reward"]
+    assert curve.final["reward"] == rows[1]["reward"]
 
 
 
