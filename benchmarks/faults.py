@@ -76,9 +76,12 @@ class LocalCluster:
 
     def __init__(self, worker_nodes: int = 2):
         # A lost node is noticed after 2 missed health checks a second apart (Ray's default waits about 30 s).
-        detection = {"health_check_period_ms": 1000, "health_check_failure_threshold": 2}
+        # A node keeps as many idle worker processes as it has CPUs (Ray's soft limit): on a node of one CPU that
+        # holds a training worker, every Ray Data read would start (and import) a fresh process, about 14 s each.
+        # Cluster nodes have dozens of CPUs; these one-CPU stand-ins keep four like them.
+        system = {"health_check_period_ms": 1000, "health_check_failure_threshold": 2, "num_workers_soft_limit": 4}
         self.cluster = Cluster(initialize_head=True, connect=False,
-                               head_node_args=dict(num_cpus=0, include_dashboard=False, _system_config=detection))
+                               head_node_args=dict(num_cpus=0, include_dashboard=False, _system_config=system))
         self.workers = [self.cluster.add_node(num_cpus=1) for _ in range(worker_nodes)]
         self.cluster.wait_for_nodes()
 
