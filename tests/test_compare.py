@@ -57,21 +57,19 @@ def test_a_small_comparison_shares_its_data_and_reads_finished_runs_back(local_r
     written = {path: path.stat().st_mtime_ns for path in (base, lora)}
     capsys.readouterr()
 
-    # The same command again: the finished runs are read back (a command with another grid or other methods
-    # adds only its new runs, planned by plan_runs above) and the tables hold both.
-    rows = compare.main(["--task", "ocr", "--out", str(out), "--methods", "dgpo", "--seeds", "1",
-                         "--grid", "reference=cached", *SMALL])
+    # A second command into the same directory with a second method: the finished runs are read back, the new
+    # method trains on the same dataset (with its cache, though this run trains on none), and the tables hold all.
+    rows = compare.main(["--task", "ocr", "--out", str(out), "--methods", "dgpo,sft", "--seeds", "1", *SMALL])
     log = capsys.readouterr().out
-    assert "groups: complete" in log and "run 1/2" not in log and "run 2/2" not in log
+    assert "groups: complete" in log and "run 1/2" not in log and "run 2/2: sft-seed0" in log
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in written.items())
-    assert [row["label"] for row in rows] == ["dgpo", "dgpo-referencecached"]
+    assert [row["label"] for row in rows] == ["dgpo", "dgpo-referencecached", "sft"]
     with open(out / "results.csv") as handle:
         table = list(csv.DictReader(handle))
-    assert [row["k"] for row in table] == ["3", "3"]
     # 4 steps of 1 worker x 2 groups x k members, each a policy forward and a backward, and a reference forward
-    # unless the run reads the cached one
-    assert [int(row["train_forward_passes"]) for row in table] == [4 * 2 * 3 * 4, 4 * 2 * 3 * 3]
-    assert (out / "curves-dgpo.png").is_file() and "| dgpo | reference=cached | 1 |" in (out / "results.md").read_text()
+    # unless the run reads the cached one or, as sft, runs no reference
+    assert [int(row["train_forward_passes"]) for row in table] == [4 * 2 * 3 * 4, 4 * 2 * 3 * 3, 4 * 2 * 3 * 3]
+    assert (out / "curves.png").is_file() and "| sft | preset | 1 |" in (out / "results.md").read_text()
     # A compare run against compute: its shared dataset's cost (with the cache's forwards) before step 0.
     curve = ComputeCurve.of_run(out / "runs/dgpo-referencecached-seed0")
     generation = json.loads((out / "groups/manifest.json").read_text())["counts"]["compute"]["forward_passes"]
