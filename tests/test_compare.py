@@ -69,7 +69,7 @@ def test_a_small_comparison_shares_its_data_and_reads_finished_runs_back(local_r
     # 4 steps of 1 worker x 2 groups x k members, each a policy forward and a backward, and a reference forward
     # unless the run reads the cached one or, as sft, runs no reference
     assert [int(row["train_forward_passes"]) for row in table] == [4 * 2 * 3 * 4, 4 * 2 * 3 * 3, 4 * 2 * 3 * 3]
-    assert (out / "curves.png").is_file() and "| sft | preset | 1 |" in (out / "results.md").read_text()
+    assert (out / "curves-dgpo.png").is_file() and "| sft | preset | 1 |" in (out / "results.md").read_text()
     # A compare run against compute: its shared dataset's cost (with the cache's forwards) before step 0.
     curve = ComputeCurve.of_run(out / "runs/dgpo-referencecached-seed0")
     generation = json.loads((out / "groups/manifest.json").read_text())["counts"]["compute"]["forward_passes"]
