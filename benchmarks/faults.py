@@ -56,13 +56,16 @@ class Sizes:
     checkpoint_every: int = 4
     fault_delay: float = 5.0  # the longest random wait before a fault once the stage is under way
     most_node_losses: int = 2  # a node-loss trial removes between one and this many nodes
+    # In elastic training a removed node returns only once the run has resumed without it: it shrinks, then grows.
+    back_after_resume: bool = True
 
     def generate_command(self, out: Path) -> list[str]:
         return ["jobs/generate.py", "--task", "ocr", "--num-prompts", str(self.prompts), "--k", str(self.k),
                 "--num-steps", str(self.sampler_steps), "--prompts-per-batch", "1", "--out", str(out), "--no-progress"]
 
     def train_command(self, data: Path, storage: Path, name: str, elastic: bool = True) -> list[str]:
-        workers = ["--num-workers", "1", "--max-workers", "2"] if elastic else ["--num-workers", "2"]
+        workers = ["--num-workers", "1", "--max-workers", "2", "--resize-check-s", "5"] if elastic else \
+            ["--num-workers", "2"]
         return ["jobs/train.py", "--data", str(data), "--task", "ocr", "--k", str(self.k), "--steps",
                 str(self.train_steps), "--groups-per-step", "2", *workers,
                 "--checkpoint-every", str(self.checkpoint_every), "--log-every", "1", "--max-failures", "4",
@@ -121,9 +124,10 @@ def finish(process: subprocess.Popen, log: Path, timeout: float = 1800) -> tuple
 
 
 def remove_and_add_nodes(cluster: LocalCluster, process: subprocess.Popen, rng: random.Random, faults: int,
-                         ready, delay: float) -> int:
+                         ready, delay: float, resumptions=None) -> int:
     """Once ready() holds: `faults` times, a random wait, a worker node removed, a fresh one added a few seconds
-    later. Returns how many nodes were removed before the job ended."""
+    later, or, given resumptions() (how many attempts have resumed so far), once one more has. Returns how many
+    nodes were removed before the job ended."""
     removed = 0
     if not wait_until(ready, process):
         return 0
@@ -131,9 +135,12 @@ def remove_and_add_nodes(cluster: LocalCluster, process: subprocess.Popen, rng: 
         time.sleep(rng.uniform(0.0, delay))
         if process.poll() is not None:
             break
+        before = resumptions() if resumptions else 0
         cluster.remove_worker(rng)
         removed += 1
         time.sleep(rng.uniform(2.0, 10.0))
+        if resumptions:
+            wait_until(lambda: resumptions() > before, process)
         cluster.add_worker()
     return removed
 
@@ -196,8 +203,10 @@ def training_trial(cluster: LocalCluster, rng: random.Random, sizes: Sizes, data
     after_a_checkpoint = lambda: checkpoint_registered(storage / "run")  # noqa: E731
     process = cluster.job(command, log)
     if stage == "training":
+        resumptions = lambda: len(RESUMED_LINE.findall(log.read_text(errors="replace")))  # noqa: E731
         faults = remove_and_add_nodes(cluster, process, rng, rng.randint(1, sizes.most_node_losses),
-                                      after_a_checkpoint, sizes.fault_delay)
+                                      after_a_checkpoint, sizes.fault_delay,
+                                      resumptions if sizes.back_after_resume else None)
     else:
         faults = kill_driver(process, rng, after_a_checkpoint, sizes.fault_delay)
         if faults:

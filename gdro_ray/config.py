@@ -54,6 +54,7 @@ class RunConfig:
     precision: str = field(default="auto", metadata={"help": f"{PRECISIONS}; auto: bf16 on GPUs, fp32 on CPUs"})
     num_workers: int = field(default=2, metadata={"help": "training workers (min when --max-workers is set)"})
     max_workers: int | None = field(default=None, metadata={"help": "elastic: grow up to this many workers"})
+    resize_check_s: float = field(default=60.0, metadata={"help": "elastic: seconds between checks for room to grow"})
     use_gpu: bool | None = field(default=None, metadata={"help": "default: when the cluster has or can get GPUs"})
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs each training worker asks Ray for"})
     max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the last checkpoint"})
@@ -83,6 +84,8 @@ class RunConfig:
             raise ValueError(f"zero_stage must be 2 or 3, got {self.zero_stage}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.resize_check_s <= 0:
+            raise ValueError(f"resize_check_s must be > 0, got {self.resize_check_s}")
         if self.max_workers is not None and self.max_workers < self.num_workers:
             raise ValueError(f"max_workers ({self.max_workers}) must be >= num_workers ({self.num_workers})")
 

@@ -50,10 +50,10 @@ def test_flags_override_yaml_which_overrides_the_preset(tmp_path):
     path = tmp_path / "run.yaml"
     save_yaml(TrainConfig(task="geneval", beta=3.0, steps=50), path)
     config = parse(["--preset", "paper", "--config", str(path), "--steps", "7", "--zero-stage", "3",
-                    "--gradient-checkpointing", "true", "--max-workers", "4"])
+                    "--gradient-checkpointing", "true", "--max-workers", "4", "--resize-check-s", "5"])
     assert config.task == "geneval" and config.beta == 3.0  # the file beats the preset's 6
     assert config.steps == 7 and config.zero_stage == 3 and config.gradient_checkpointing is True
-    assert config.max_workers == 4
+    assert config.max_workers == 4 and config.resize_check_s == 5.0
 
 
 def test_config_round_trips_and_refuses_bad_values(tmp_path):
@@ -67,7 +67,7 @@ def test_config_round_trips_and_refuses_bad_values(tmp_path):
         TrainConfig(zero_stage=1)
     with pytest.raises(ValueError, match="k must be >= 2"):
         TrainConfig(k=1)
-    for name, bad in (("beta", 0.0), ("tau", -0.1), ("lr", 0.0), ("beta", float("nan"))):
+    for name, bad in (("beta", 0.0), ("tau", -0.1), ("lr", 0.0), ("beta", float("nan")), ("resize_check_s", 0.0)):
         with pytest.raises(ValueError, match=f"{name} must be > 0"):
             TrainConfig(**{name: bad})
     with pytest.raises(ValueError, match="gamma must be >= 0"):

@@ -6,7 +6,8 @@ import random
 
 def test_a_node_lost_mid_generation_and_mid_training(load_script, tmp_path):
     faults = load_script("benchmarks/faults.py")
-    sizes = faults.Sizes(prompts=12, train_steps=8, checkpoint_every=2, fault_delay=0.0, most_node_losses=1)
+    sizes = faults.Sizes(prompts=12, train_steps=8, checkpoint_every=2, fault_delay=0.0, most_node_losses=1,
+                         back_after_resume=False)
     cluster = faults.LocalCluster()
     try:
         rng = random.Random(0)

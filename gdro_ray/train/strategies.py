@@ -34,6 +34,7 @@ class DeepSpeedStrategy:
         if config.max_grad_norm > 0:
             ds_config["gradient_clipping"] = config.max_grad_norm
         self.stage = config.zero_stage
+        self.resized_from: int | None = None  # the workers of a checkpoint saved by another number of them
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
@@ -63,12 +64,24 @@ class DeepSpeedStrategy:
         self.engine.save_checkpoint(str(directory), tag=STATE_TAG, client_state=client_state)
 
     def load(self, directory: Path) -> dict:
-        _, client_state = self.engine.load_checkpoint(str(directory), tag=STATE_TAG)
+        """The checkpoint's state. ZeRO partitions the optimiser's moments by worker, so an elastic restart on
+        another number of workers loads the LoRA, the schedule and the client state, and the moments start afresh
+        (resized_from names the workers that saved them); ZeRO-3 also partitions the weights, and refuses."""
+        saved = len(list((Path(directory) / STATE_TAG).glob("zero_pp_rank_*_optim_states.pt")))
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        self.resized_from = saved if saved != world else None
+        if self.resized_from and self.stage == 3:
+            raise RuntimeError(f"{directory} holds ZeRO-3 state of {saved} workers, which cannot resume on {world}: "
+                               f"rerun with --num-workers {saved}, or train elastic runs with --zero-stage 2")
+        _, client_state = self.engine.load_checkpoint(str(directory), tag=STATE_TAG,
+                                                      load_optimizer_states=self.resized_from is None)
         return client_state
 
 
 class DataParallelStrategy:
     """Each worker holds the whole model; LoRA gradients are averaged with one all-reduce per step."""
+
+    resized_from = None  # its checkpoint holds the whole state, whatever the number of workers
 
     def __init__(self, module, optimizer, scheduler, config: RunConfig):
         self.module, self.optimizer, self.scheduler = module, optimizer, scheduler

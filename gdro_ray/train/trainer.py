@@ -72,7 +72,8 @@ def fit(worker_loop, config: RunConfig, evaluator: Evaluator | None = None, call
         worker,
         train_loop_config=dataclasses.asdict(config),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                               resources_per_worker=worker_resources(config, use_gpu)),
+                                               resources_per_worker=worker_resources(config, use_gpu),
+                                               elastic_resize_monitor_interval_s=config.resize_check_s),
         run_config=ray.train.RunConfig(
             name=config.name,
             storage_path=str(Path(config.storage_path).resolve()),

@@ -152,8 +152,10 @@ def restore(run: WorkerRun, console: StageProgress) -> int:
         rng_file = Path(directory) / f"rng-{run.rank}.pt"
         if rng_file.exists():  # absent when an elastic restart has more workers than before
             run.generator.set_state(torch.load(rng_file, weights_only=True))
+    resized_from = run.strategy.resized_from
     console.message(f"resumed at step {client_state['step']} on {run.world} worker{'s' if run.world > 1 else ''} "
-                    f"from {checkpoint.path}")
+                    f"from {checkpoint.path}"
+                    + (f" (saved by {resized_from}: the optimiser's moments start afresh)" if resized_from else ""))
     return client_state["step"]
 
 
