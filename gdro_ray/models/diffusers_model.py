@@ -114,7 +114,7 @@ class DiffusersFlowModel(FlowModel):
         if len(prompt) != 1:
             raise ValueError(f"generate() takes the embeddings of one prompt, got {len(prompt)}")
         group = prompt.select([0] * count).to(self.device, self.dtype)
-        if sampler.cfg_scale == 1:
+        if sampler.cfg_scale <= 1:  # guidance only above 1, as the pipelines apply it
             return group, {}
         if unconditional is None:
             self.empty_prompt = self.empty_prompt or self.encode_prompts([""])
