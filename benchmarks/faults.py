@@ -1,5 +1,6 @@
 """Faults at cluster scale, simulated on one machine: worker nodes removed and added while the group dataset
-is generated and while a LoRA trains, and the driver killed; after each trial the invariants are checked.
+is generated, while a LoRA trains and while a sweep runs, and the driver killed; after each trial the invariants
+are checked.
 
 The cluster is Ray's own multi-node simulation (ray.cluster_utils.Cluster): a head and worker nodes, each a
 raylet of its own, so removing a node kills every actor and worker on it as a lost spot instance would. The
@@ -14,13 +15,17 @@ Trials cycle through the stages:
   generation-driver the generation driver killed after the first shard, then the same command rerun
   training          jobs/train.py, elastic (--num-workers 1 --max-workers 2); nodes removed after a checkpoint
   training-driver   the training driver killed after a checkpoint, then the same command rerun (it resumes)
-Invariants: every prompt written once (lost, duplicated), every training run finished, the steps trained twice
+  sweep             tune/sweep.py (its own small dataset, trials one after another); nodes removed once a trial
+                    has checkpointed
+Invariants: every prompt written once (lost, duplicated), every training run finished (in a sweep: every trial
+to its last step, none errored, the best trial's settings and LoRA written), the steps trained twice
 after a restart (at most --checkpoint-every a restart), and the LoRA's largest difference from an uninterrupted
 run of the same settings (the uninterrupted run is repeated once to show its own spread: 0 when the run is
 deterministic).
 """
 
 import argparse
+import csv
 import json
 import os
 import random
@@ -40,7 +45,7 @@ from gdro_ray.data.shards import read_shards, shard_paths
 from gdro_ray.models import LORA_WEIGHTS
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("generation", "generation-driver", "training", "training-driver")
+STAGES = ("generation", "generation-driver", "training", "training-driver", "sweep")
 STEP_LINE = re.compile(r"^step (\d+)/\d+ ", re.MULTILINE)
 RESUMED_LINE = re.compile(r"resumed at step (\d+) on (\d+) workers?", re.MULTILINE)
 
@@ -58,10 +63,21 @@ class Sizes:
     most_node_losses: int = 2  # a node-loss trial removes between one and this many nodes
     # In elastic training a removed node returns only once the run has resumed without it: it shrinks, then grows.
     back_after_resume: bool = True
+    sweep_trials: int = 2
 
     def generate_command(self, out: Path) -> list[str]:
         return ["jobs/generate.py", "--task", "ocr", "--num-prompts", str(self.prompts), "--k", str(self.k),
                 "--num-steps", str(self.sampler_steps), "--prompts-per-batch", "1", "--out", str(out), "--no-progress"]
+
+    def sweep_command(self, out: Path) -> list[str]:
+        """Two trials of the full length (no early stop), evaluated at each checkpoint as ASHA needs."""
+        return ["tune/sweep.py", "--task", "ocr", "--out", str(out), "--num-prompts", str(self.prompts), "--k-gen",
+                str(self.k), "--num-steps", str(self.sampler_steps), "--k", str(self.k), "--steps",
+                str(self.train_steps), "--groups-per-step", "2", "--num-workers", "1", "--checkpoint-every",
+                str(self.checkpoint_every), "--eval-every", str(self.checkpoint_every), "--train-eval-prompts", "2",
+                "--train-eval-images-per-prompt", "2", "--eval-prompts", "2", "--eval-images", "2",
+                "--num-samples", str(self.sweep_trials), "--grace-period", str(self.train_steps),
+                "--k-choices", str(self.k), "--max-failures", "4"]
 
     def train_command(self, data: Path, storage: Path, name: str, elastic: bool = True) -> list[str]:
         workers = ["--num-workers", "1", "--max-workers", "2", "--resize-check-s", "5"] if elastic else \
@@ -220,6 +236,21 @@ def training_trial(cluster: LocalCluster, rng: random.Random, sizes: Sizes, data
             "lora_difference": difference, "error": output[-2000:] if not finished else ""}
 
 
+def sweep_trial(cluster: LocalCluster, rng: random.Random, sizes: Sizes, out: Path) -> dict:
+    command, log = sizes.sweep_command(out), out.parent / "driver.log"
+    a_trial_checkpointed = lambda: any((out / "trials").glob("*/checkpoint_manager_snapshot.json"))  # noqa: E731
+    process = cluster.job(command, log)
+    faults = remove_and_add_nodes(cluster, process, rng, rng.randint(1, sizes.most_node_losses), a_trial_checkpointed,
+                                  sizes.fault_delay)
+    code, output = finish(process, log)
+    rows = list(csv.DictReader((out / "results.csv").open())) if (out / "results.csv").is_file() else []
+    complete = [row for row in rows if row["step"] == str(sizes.train_steps) and not row["error"]]
+    written = (out / "best.yaml").is_file() and (out / "best_lora" / LORA_WEIGHTS).is_file()
+    finished = code == 0 and len(complete) == sizes.sweep_trials and written
+    return {"faults": faults, "finished": finished, "trials_complete": len(complete),
+            "trials_errored": sum(bool(row["error"]) for row in rows), "error": output[-2000:] if not finished else ""}
+
+
 def uninterrupted(cluster: LocalCluster, sizes: Sizes, out: Path) -> dict:
     """The shared dataset and two uninterrupted training runs of the fixed-size (training-driver) settings."""
     data = out / "groups"
@@ -250,6 +281,8 @@ def run_trial(cluster: LocalCluster, index: int, seed: int, sizes: Sizes, out: P
     started = time.monotonic()
     if stage.startswith("generation"):
         result = generation_trial(cluster, rng, sizes, directory / "groups", stage)
+    elif stage == "sweep":
+        result = sweep_trial(cluster, rng, sizes, directory / "sweep")
     else:
         result = training_trial(cluster, rng, sizes, shared["data"], directory, stage, shared["reference"])
     return {"trial": index, "stage": stage, "seed": seed, "seconds": round(time.monotonic() - started, 1), **result}
@@ -269,7 +302,9 @@ def summary_table(trials: list[dict], spread: float | None) -> str:
             f"| {stage} | {len(rows)} | {total('faults')} | "
             + (f"{total('prompts_lost')} | {total('prompts_duplicated')} | " if stage.startswith("generation")
                else "| | ")
-            + f"{sum(t['finished'] for t in rows)}/{len(rows)} | "
+            + f"{sum(t['finished'] for t in rows)}/{len(rows)}"
+            + (f" ({total('trials_complete')} trials complete, {total('trials_errored')} errored) | "
+               if stage == "sweep" else " | ")
             + (f"{total('steps_repeated')} | {', '.join(map(str, workers)) or '-'} | " if stage.startswith("training")
                else "| | ")
             + (f"{max(differences):.2e} |" if differences else "|"))

@@ -133,9 +133,10 @@ def run_sweep(train: TrainConfig, align: AlignSettings, sweep: SweepSettings, lo
             search_alg=BasicVariantGenerator(points_to_evaluate=[preset], random_state=sweep.sweep_seed,
                                              max_concurrent=concurrent),
         ),
-        # A trial that fails (its own Train retries are off) is retried once, never forever.
+        # Tune retries a failed trial (a lost node, say; its own Train retries are off) up to --max-failures times,
+        # and the retry resumes the trial's Train run from its last checkpoint.
         run_config=tune.RunConfig(name=experiment.name, storage_path=str(run), verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=1),
+                                  failure_config=tune.FailureConfig(max_failures=train.max_failures),
                                   callbacks=[SweepConsole(sweep.num_samples, train.steps)]),
     )
     with cluster_ready_for(plans[2], log):
