@@ -98,9 +98,13 @@ class LocalCluster:
         # A node keeps as many idle worker processes as it has CPUs (Ray's soft limit): on a node of one CPU that
         # holds a training worker, every Ray Data read would start (and import) a fresh process, about 14 s each.
         # Cluster nodes have dozens of CPUs; these one-CPU stand-ins keep four like them.
+        # The dashboard runs, as on a real cluster's head: Ray Train frees the placement group of a run whose
+        # controller died (a sweep trial's, its node lost) through the dashboard's state API; without it the group
+        # stays reserved and the sweep's next trials wait for workers that never fit.
         system = {"health_check_period_ms": 1000, "health_check_failure_threshold": 2, "num_workers_soft_limit": 4}
         self.cluster = Cluster(initialize_head=True, connect=False,
-                               head_node_args=dict(num_cpus=0, include_dashboard=False, _system_config=system))
+                               head_node_args=dict(num_cpus=0, include_dashboard=True, dashboard_port=0,
+                                                   _system_config=system))
         self.workers = [self.cluster.add_node(num_cpus=1) for _ in range(worker_nodes)]
         self.cluster.wait_for_nodes()
 

@@ -16,8 +16,10 @@ from tqdm import tqdm
 VERBOSE_VARIABLE = "GDRO_VERBOSE"
 LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "deepspeed", "DeepSpeed", "torch.distributed")
 # Environment of every Ray worker: the libraries read it when they load, before any of our code runs.
+# Tune's newer console prints its experiment box and each failed trial's metrics table at any verbosity; the
+# older one keeps quiet at verbose=0 (the sweep prints its own lines).
 QUIET_ENVIRONMENT = {"RAY_DATA_LOG_LEVEL": "ERROR", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
-                     "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+                     "HF_HUB_DISABLE_PROGRESS_BARS": "1", "RAY_AIR_NEW_OUTPUT": "0"}
 SHOWN_METRICS = {"loss": "loss", "top1_agreement": "top1", "rollout_reward": "rollout reward",
                  "eval_reward": "eval reward", "eval_geneval": "eval GenEval", "eval_corrected": "eval corrected",
                  "samples_per_second": "samples/s"}

@@ -15,6 +15,7 @@ runs show early on (docs/results.md). The first trial is the preset itself.
 """
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from tqdm import tqdm
 from gdro_ray.align import AlignSettings, generation_config, prepare_data
 from gdro_ray.cli import option
 from gdro_ray.config import TrainConfig, build_config
-from gdro_ray.console import metric_line
+from gdro_ray.console import is_verbose, metric_line
 from gdro_ray.evaluate import write_csv
 from gdro_ray.periodic_eval import PeriodicEvaluator
 from gdro_ray.resource_plan import (
@@ -110,6 +111,8 @@ def run_sweep(train: TrainConfig, align: AlignSettings, sweep: SweepSettings, lo
     # Tune gives a stopped trial's actor up to 600 s by default to end before it kills it, and the trial's
     # Train run holds its workers until then, while the next trial's workers wait and time out after 60 s.
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(STOPPED_TRIAL_CLEANUP_S))
+    if not is_verbose():  # Tune logs each failed trial's traceback; the console says it in a line, with the file
+        logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
     trainable = tune.with_resources(tune.with_parameters(_trial, base=base), {"CPU": TRIAL_DRIVER_CPUS})
     experiment = run / "tune"
     if tune.Tuner.can_restore(experiment):
@@ -177,7 +180,12 @@ class SweepConsole(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finished(trials)
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._bar().write(f"trial {trial.trial_id} failed (failure {trial.num_failures}), retried from its last "
+                          f"checkpoint; the error: {_error_file(trial)}")
+
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._bar().write(f"trial {trial.trial_id} failed for good; the error: {_error_file(trial)}")
         self._finished(trials)
 
     def on_experiment_end(self, trials, **info):
@@ -194,6 +202,11 @@ class SweepConsole(tune.Callback):
         if self.bar is None:
             self.bar = tqdm(total=self.trials, desc="sweep", unit="trial", dynamic_ncols=True)
         return self.bar
+
+
+def _error_file(trial) -> str:
+    """Where the trial's error is kept in the run directory (Tune writes it in Ray's session folder first)."""
+    return os.path.join(trial.path, os.path.basename(trial.error_file or "error.txt"))
 
 
 def _trial(values: dict, base: dict) -> None:
