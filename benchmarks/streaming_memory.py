@@ -7,7 +7,8 @@ dataset fits), printing the workers' largest resident memory at the first report
     python benchmarks/streaming_memory.py --groups 20000 --out runs/streaming-20k
 
 The dataset (tiny model, 1 sampler step, the brightness reward: the images' content does not matter here) is
-made once in OUT/groups and reused; each training run resumes or is read back if it finished.
+made once in OUT/groups and reused; each training run resumes or is read back if it finished. Its prompts are
+OUT/prompts.txt, one distinct sign a line (the tiny glyph set's training split holds only 1063).
 """
 
 import argparse
@@ -25,6 +26,15 @@ def run(arguments: list[str]) -> None:
     subprocess.run([sys.executable, *arguments], cwd=ROOT, check=True)
 
 
+def sign_text(index: int) -> str:
+    """A distinct word of capitals for each index: its digits in base 26, four letters at least."""
+    letters = ""
+    while index or len(letters) < 4:
+        index, digit = divmod(index, 26)
+        letters = chr(ord("A") + digit) + letters
+    return letters
+
+
 def resident_memory(run_directory: Path) -> list[float]:
     events = EventAccumulator(str(run_directory / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
@@ -37,9 +47,12 @@ def main():
     parser.add_argument("--out", default="runs/streaming")
     args = parser.parse_args()
     out = Path(args.out).resolve()
-    data = out / "groups"
-    run(["jobs/generate.py", "--task", "ocr", "--num-prompts", str(args.groups), "--k", "2", "--num-steps", "1",
-         "--reward", '{"name": "brightness"}', "--prompts-per-batch", "64", "--out", str(data), "--no-progress"])
+    data, prompts = out / "groups", out / "prompts.txt"
+    out.mkdir(parents=True, exist_ok=True)
+    prompts.write_text("".join(f'a sign that says "{sign_text(index)}"\n' for index in range(args.groups)))
+    run(["jobs/generate.py", "--task", "ocr", "--prompt-file", str(prompts), "--split", "all", "--num-prompts", "0",
+         "--k", "2", "--num-steps", "1", "--reward", '{"name": "brightness"}', "--prompts-per-batch", "64",
+         "--out", str(data), "--no-progress"])
     steps = args.groups // (WORKERS * GROUPS_PER_STEP)  # one epoch
     rows = []
     for name, limit in (("streamed", "0"), ("replayed", "2048")):

@@ -132,6 +132,12 @@ class GenerationConfig:
         if not prompts:
             raise ValueError(f"the {self.split} split of task {self.task!r} has no prompts after its first "
                              f"{self.first_prompt}")
+        if self.num_prompts is not None and len(prompts) < self.num_prompts:
+            # A dataset silently smaller than asked would skew every size derived from it (steps of an epoch).
+            source = f"prompt file {self.prompt_file!r}" if self.prompt_file else f"the {self.task!r} prompt set"
+            raise ValueError(f"num_prompts asks for {self.num_prompts} prompts, but the {self.split} split of {source} "
+                             f"has {len(prompts)} after its first {self.first_prompt}: ask for at most that many"
+                             + (" (0: all of the file's)" if self.prompt_file else ", or give a --prompt-file"))
         return prompts
 
 

@@ -160,6 +160,15 @@ def test_bad_generation_settings_are_refused(tmp_path, overrides, message):
         small_config(tmp_path, **overrides)
 
 
+def test_more_prompts_than_the_split_holds_are_refused_before_any_work(tmp_path):
+    """The tiny glyph set's training split holds 1063 prompts: a dataset asked for more is not silently smaller."""
+    assert len(small_config(tmp_path, num_prompts=1063).prompts()) == 1063
+    with pytest.raises(ValueError, match="asks for 1064 prompts, but the train split of the 'ocr' prompt set has 1063"):
+        small_config(tmp_path, num_prompts=1064).prompts()
+    with pytest.raises(ValueError, match="has 63 after its first 1000"):
+        small_config(tmp_path, num_prompts=64, first_prompt=1000).prompts()
+
+
 def test_each_task_has_a_full_reward_spec_and_unknown_ones_are_named():
     from gdro_ray.data.prompts import ocr_stream
     from gdro_ray.tiny_world.glyphs import glyphs_stream
