@@ -103,17 +103,20 @@ def test_later_epochs_replay_the_first_in_the_same_order(groups, tmp_path):
 
     from gdro_ray.train.worker import _batches
 
-    shard = ray.data.from_arrow(read_shards(groups))
+    table = read_shards(groups)
+    shard = ray.data.from_arrow(table)
     config = train_config(groups, tmp_path, k=3)
-    three_epochs = 3 * (len(read_shards(groups)) // config.groups_per_step)  # micro-batches
-    replayed, streamed = (  # from memory, and from the stream each epoch
+    three_epochs = 3 * (len(table) // config.groups_per_step)  # micro-batches
+    half_the_shard = table.nbytes / 2 / 2**20  # the replay lets go of what it kept once past its limit
+    replayed, let_go, streamed = (  # from memory, streamed after passing the limit, streamed from the start
         list(itertools.islice(_batches(shard, replace(config, replay_limit_mb=limit), torch.Generator().manual_seed(0)),
                               three_epochs))
-        for limit in (1024, 0)
+        for limit in (1024, half_the_shard, 0)
     )
-    for kept, read in zip(replayed, streamed, strict=True):
-        torch.testing.assert_close(kept.rewards, read.rewards)
-        torch.testing.assert_close(kept.latents, read.latents)
+    for kept, dropped, read in zip(replayed, let_go, streamed, strict=True):
+        for batch in (kept, dropped):
+            torch.testing.assert_close(batch.rewards, read.rewards)
+            torch.testing.assert_close(batch.latents, read.latents)
     assert not torch.equal(replayed[0].rewards, replayed[1].rewards)  # the epochs hold more than one batch
 
 
