@@ -18,6 +18,9 @@ from gdro_ray.evaluate import mean_and_standard_error
 from gdro_ray.plots import plot_compute_curves, read_scalars
 
 CURVES = ("reward", "quality", "corrected")
+# The final evaluation's scores, and its reward change against the base on the same images (paired): runs of
+# different seeds draw different held-out images, so their bases differ and the change is what compares them.
+FINAL = (*CURVES, "reward_change")
 
 
 @dataclass
@@ -30,7 +33,7 @@ class ComputeCurve:
     reward: list[float]
     quality: list[float]  # the judge's rating: online RL's reward hacking would show here
     corrected: list[float]
-    final: dict  # the final evaluation of the aligned model: reward, quality, corrected
+    final: dict  # the final evaluation of the aligned model: FINAL's scores
 
     @classmethod
     def of_run(cls, run: str | Path) -> "ComputeCurve":
@@ -48,8 +51,11 @@ class ComputeCurve:
                     seconds[step] = seconds.get(step, 0.0) + value
         steps = [step for step in scalars["eval/reward"][0] if step in forwards]
         reward, quality, corrected = (dict(zip(*scalars[f"eval/{name}"])) for name in CURVES)
-        final = json.loads((run / "result.json").read_text()) if compared else \
-            json.loads((run / "summary.json").read_text())["aligned"]
+        if compared:
+            final = json.loads((run / "result.json").read_text())
+        else:
+            summary = json.loads((run / "summary.json").read_text())
+            final = {**summary["aligned"], "reward_change": summary["change"]["reward"]["mean"]}
 
         def spent(step: int, name: str) -> float:  # on the datasets made before this step was trained
             return sum(cost[name] for after, cost in datasets if step > after)
@@ -57,7 +63,7 @@ class ComputeCurve:
         return cls(steps, [spent(s, "forward_passes") + forwards[s] for s in steps],
                    [spent(s, "seconds") + seconds[s] for s in steps], [reward[s] for s in steps],
                    [quality[s] for s in steps], [corrected[s] for s in steps],
-                   {name: final[name] for name in CURVES})
+                   {name: final[name] for name in FINAL})
 
 
 def dataset_costs(first: Path, run: Path) -> list[tuple[int, dict]]:
@@ -83,7 +89,7 @@ def mean_curve(curves: list[ComputeCurve]) -> ComputeCurve:
     def mean(name: str) -> list[float]:
         return [sum(getattr(c, name)[c.steps.index(s)] for c in curves) / len(curves) for s in steps]
 
-    final = {name: sum(c.final[name] for c in curves) / len(curves) for name in CURVES}
+    final = {name: sum(c.final[name] for c in curves) / len(curves) for name in FINAL}
     return ComputeCurve(steps, mean("forward_passes"), mean("seconds"), *(mean(name) for name in CURVES), final)
 
 
@@ -97,20 +103,21 @@ def compute_to_reach(curve: ComputeCurve, target: float) -> tuple[float, float] 
 
 def compute_report(methods: dict[str, list[str | Path]], out: str | Path, title: str = "") -> str:
     """OUT/compute.png (held-out reward, judge rating and corrected score against forward passes and seconds, mean
-    over each method's runs) and OUT/compute.md: each method's final scores (mean +- standard error over its runs) and its
-    total compute, and the compute the first method needs to reach each other method's last held-out reward
-    during training, as a share of that method's total. Returns the markdown."""
+    over each method's runs) and OUT/compute.md: each method's final scores and reward change against the base
+    (mean +- standard error over its runs) and its total compute, and the compute the first method needs to reach
+    each other method's last held-out reward during training, as a share of that method's total. Returns the
+    markdown."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = {name: [ComputeCurve.of_run(run) for run in directories] for name, directories in methods.items()}
     means = {name: mean_curve(curves) for name, curves in runs.items()}
     plot_compute_curves({name: (curve.forward_passes, curve.seconds, {score: getattr(curve, score) for score in CURVES})
                          for name, curve in means.items()}, out / "compute.png", title)
-    lines = ["| method | runs | final held-out reward | judge rating | corrected | forward passes | seconds |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | runs | final held-out reward | judge rating | corrected | reward change | forward passes "
+             "| seconds |", "|---|---|---|---|---|---|---|---|"]
     for name, curves in runs.items():
         cells = []
-        for score, digits in zip(CURVES, (3, 2, 3)):
+        for score, digits in zip(FINAL, (3, 2, 3, 3)):
             mean, error = mean_and_standard_error([curve.final[score] for curve in curves])
             cells.append(f"{mean:.{digits}f}" + (f" ± {error:.{digits}f}" if error is not None else ""))
         lines.append(f"| {name} | {len(curves)} | " + " | ".join(cells) +
@@ -125,6 +132,13 @@ def compute_report(methods: dict[str, list[str | Path]], out: str | Path, title:
             lines.append(f"\n{first} reached {other}'s last held-out reward during training ({target:.3f}) with "
                          f"{reached[0] / means[other].forward_passes[-1]:.2f} of its forward passes and "
                          f"{reached[1] / means[other].seconds[-1]:.2f} of its seconds.")
+        # The curves evaluate a few prompts; the final evaluation's paired change is the firmer measure.
+        mine, theirs = means[first].final["reward_change"], means[other].final["reward_change"]
+        share = (f"{means[first].forward_passes[-1] / means[other].forward_passes[-1]:.2f} of its forward passes and "
+                 f"{means[first].seconds[-1] / means[other].seconds[-1]:.2f} of its seconds")
+        lines.append(f"{first}'s final reward change ({mine:+.3f}) "
+                     + (f"is at least {other}'s ({theirs:+.3f}), with {share} (an upper bound of the share needed)."
+                        if mine >= theirs else f"falls short of {other}'s ({theirs:+.3f}), with {share}."))
     markdown = "\n".join(lines) + "\n"
     (out / "compute.md").write_text(markdown)
     return markdown

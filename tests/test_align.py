@@ -60,8 +60,10 @@ def test_a_small_align_run_in_two_rounds_fills_its_run_directory_and_a_rerun_ski
     curve = ComputeCurve.of_run(run)
     assert curve.steps == [0, 2, 4]
     assert curve.forward_passes == [generation[0], generation[0] + 36, sum(generation) + 72]
+    assert curve.final["reward_change"] == summary["change"]["reward"]["mean"]  # paired against the base
     report = compute_report({"gdro": [run], "again": [run]}, tmp_path / "compute")
     assert "gdro reached again's last held-out reward" in report and (tmp_path / "compute" / "compute.png").is_file()
+    assert "gdro's final reward change" in report and "is at least again's" in report  # the same runs: equal
     for name in ("base", "aligned"):
         assert summary[name]["images"] == 4 and 1.0 <= summary[name]["quality"] <= 5.0
     assert json.loads((run / "summary.json").read_text())["aligned"] == summary["aligned"]

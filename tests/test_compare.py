@@ -74,7 +74,7 @@ def test_a_small_comparison_shares_its_data_and_reads_finished_runs_back(local_r
     curve = ComputeCurve.of_run(out / "runs/dgpo-referencecached-seed0")
     generation = json.loads((out / "groups/manifest.json").read_text())["counts"]["compute"]["forward_passes"]
     assert curve.forward_passes[0] == generation and curve.forward_passes[-1] == generation + 4 * 2 * 3 * 3
-    assert curve.final["reward"] == rows[1]["reward"]
+    assert (curve.final["reward"], curve.final["reward_change"]) == (rows[1]["reward"], rows[1]["reward_change"])
 
 
 
