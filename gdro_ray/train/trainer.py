@@ -54,16 +54,20 @@ def run_training(config: TrainConfig, evaluator: Evaluator | None = None, callba
     config = resolve_ranking(config)
     dataset, counts = group_dataset(config)
     log(f"[train] dataset {config.data}: {json.dumps(counts)}")
-    with reserved_reader(dataset, config.reader_cpus):
+    with reserved_reader(dataset, config.reader_cpus, reader_object_store(config.data)):
         return fit(train_worker, config, evaluator, callbacks, log, wait_for_cluster, console,
                    datasets={"train": dataset})
 
 
-READER_OBJECT_STORE_MB = 256  # of which Ray Data's budget is half: many shards; past it, one at a time
+def reader_object_store(data: str | Path) -> int:
+    """Bytes of object store for the reader: room for a few of the largest shards (Ray Data budgets half of it),
+    and 64 MiB at least, which small data keeps within the 150 MiB object store of Ray's simulated nodes."""
+    largest = max(path.stat().st_size for path in shard_paths(data))
+    return max(64 * 2**20, 4 * largest)
 
 
 @contextlib.contextmanager
-def reserved_reader(dataset: ray.data.Dataset, cpus: float):
+def reserved_reader(dataset: ray.data.Dataset, cpus: float, object_store: int):
     """The dataset's tasks run in a placement group of the reader's CPUs, held while training runs.
 
     Left to itself, Ray Data sizes its budget by what Ray's autoscaling coordinator reserves for it: the
@@ -74,7 +78,7 @@ def reserved_reader(dataset: ray.data.Dataset, cpus: float):
     budget of its own that nothing takes back. Its bundle also holds some object store (logical accounting only):
     Ray Data takes its memory budget from the same bundle, and with none it reads nothing.
     """
-    reader = placement_group([{"CPU": cpus, "object_store_memory": READER_OBJECT_STORE_MB * 2**20}])
+    reader = placement_group([{"CPU": cpus, "object_store_memory": object_store}])
     strategy = PlacementGroupSchedulingStrategy(reader)
     dataset.context.scheduling_strategy = dataset.context.scheduling_strategy_large_args = strategy
     try:
