@@ -133,7 +133,8 @@ class TrainConfig(RunConfig):
         "help": "a mixed reward's parts each normalised over its group before mixing"})
     groups_per_step: int = field(default=2, metadata={"help": "groups per worker per micro-batch"})
     grad_accumulation: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
-    reader_cpus: float = field(default=0.25, metadata={"help": "CPUs of the Ray Data reader feeding the workers"})
+    reader_cpus: float = field(default=0.25, metadata={"help": "CPUs the training plan leaves free for the Ray Data "
+                                                               "reader feeding the workers"})
     replay_limit_mb: float = field(default=2048.0, metadata={
         "help": "a worker whose share of the dataset fits in this many MiB replays it from memory after the first "
                 "epoch; a larger share streams every epoch (0: always stream)"})

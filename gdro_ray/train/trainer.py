@@ -1,6 +1,6 @@
 """Ray Train wiring: the group dataset, workers, failure handling and the exported LoRA.
 
-    TorchTrainer(train_worker) over datasets={"train": ranked groups, read at reader_cpus}
+    TorchTrainer(train_worker) over datasets={"train": ranked groups, read a shard at a time}
       ScalingConfig(num_workers or (min, max) for elastic runs, cpus_per_worker and a GPU each), FailureConfig
       RunConfig(storage_path, name): rerunning the same name resumes from its latest checkpoint
     -> run_directory/lora (the EMA LoRA, diffusers' format) and run_directory/config.yaml
@@ -16,8 +16,6 @@ from pathlib import Path
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from gdro_ray.config import RunConfig, TrainConfig, save_yaml
 from gdro_ray.console import StageConsole
@@ -33,14 +31,18 @@ from gdro_ray.train.worker import Evaluator, train_worker
 def group_dataset(config: TrainConfig) -> tuple[ray.data.Dataset, dict]:
     """The groups that carry a ranking, as a Ray Dataset of the columns training reads.
 
-    Every Ray Data task of it asks for reader_cpus: read_parquet would also list the files in a task of one
-    whole CPU, which a cluster whose CPUs the workers hold never gets.
+    One read task at a time, each a shard, asking for no CPU of its own: the training plan leaves reader_cpus free
+    for it. A task that asked for CPUs would wait on Ray Data's budget, which is what Ray's autoscaling coordinator
+    reserves for it: what it last asked for, plus a whole-CPU share of what the workers leave on a node. Beside 2
+    workers of 0.75 CPU on 2 CPUs that share rounds down to none, and once Ray Data stopped asking (its reads ran
+    ahead of training), its budget fell to zero and training waited for data forever (after 16 steps of a
+    5,000-group dataset). read_parquet would also list the files in a task of one whole CPU.
     """
     check_reference_cache(config)
     ids, counts = ranked_prompt_ids(config.data, config.k, Ranking.of(config))
     check_enough_groups(len(ids), config.max_workers or config.num_workers, config.groups_per_step)
     shards = ray.data.from_items([{"path": str(path)} for path in shard_paths(config.data)])
-    dataset = shards.map_batches(read_ranked_groups, batch_size=1, num_cpus=config.reader_cpus,
+    dataset = shards.map_batches(read_ranked_groups, batch_size=1, num_cpus=0, concurrency=1,
                                  fn_kwargs={"prompt_ids": ids, "columns": training_columns(config)})
     return dataset, counts
 
@@ -54,37 +56,7 @@ def run_training(config: TrainConfig, evaluator: Evaluator | None = None, callba
     config = resolve_ranking(config)
     dataset, counts = group_dataset(config)
     log(f"[train] dataset {config.data}: {json.dumps(counts)}")
-    with reserved_reader(dataset, config.reader_cpus, reader_object_store(config.data)):
-        return fit(train_worker, config, evaluator, callbacks, log, wait_for_cluster, console,
-                   datasets={"train": dataset})
-
-
-def reader_object_store(data: str | Path) -> int:
-    """Bytes of object store for the reader: room for a few of the largest shards (Ray Data budgets half of it),
-    and 64 MiB at least, which small data keeps within the 150 MiB object store of Ray's simulated nodes."""
-    largest = max(path.stat().st_size for path in shard_paths(data))
-    return max(64 * 2**20, 4 * largest)
-
-
-@contextlib.contextmanager
-def reserved_reader(dataset: ray.data.Dataset, cpus: float, object_store: int):
-    """The dataset's tasks run in a placement group of the reader's CPUs, held while training runs.
-
-    Left to itself, Ray Data sizes its budget by what Ray's autoscaling coordinator reserves for it: the
-    resources it last asked for (while it wants to scale up) and a whole-unit share of what the other requesters
-    (training's workers) leave. On a node whose workers leave a fraction of a CPU (2 CPUs, 2 workers of 0.75)
-    that share rounds down to none, and once the reader stopped asking, its budget fell to zero mid-epoch and
-    training waited for data forever (seen after 16 steps of a 5,000-group dataset). A placement group is a
-    budget of its own that nothing takes back. Its bundle also holds some object store (logical accounting only):
-    Ray Data takes its memory budget from the same bundle, and with none it reads nothing.
-    """
-    reader = placement_group([{"CPU": cpus, "object_store_memory": object_store}])
-    strategy = PlacementGroupSchedulingStrategy(reader)
-    dataset.context.scheduling_strategy = dataset.context.scheduling_strategy_large_args = strategy
-    try:
-        yield
-    finally:
-        remove_placement_group(reader)
+    return fit(train_worker, config, evaluator, callbacks, log, wait_for_cluster, console, datasets={"train": dataset})
 
 
 def fit(worker_loop, config: RunConfig, evaluator: Evaluator | None = None, callbacks: list | None = None, log=print,
