@@ -193,8 +193,9 @@ def test_a_dataset_is_evaluated_with_its_own_reward_sampler_and_prompt_file(tmp_
     prompt_file = tmp_path / "signs.txt"
     prompt_file.write_text("\n".join(f'a sign that says "{word}"' for word in ("KEY", "MAP", "CAT", "ANT", "HEN",
                                                                                 "RAY", "YAK", "TEA", "EAR", "ARC")))
-    config = GenerationConfig(task="custom", prompt_file=str(prompt_file), reward={"min_side": 128}, seed=3,
-                              sampler=SamplerSettings(32, 32, num_steps=5, cfg_scale=2.0), out=str(tmp_path / "g"))
+    config = GenerationConfig(task="custom", prompt_file=str(prompt_file), num_prompts=0, reward={"min_side": 128},
+                              seed=3, sampler=SamplerSettings(32, 32, num_steps=5, cfg_scale=2.0),
+                              out=str(tmp_path / "g"))
     (tmp_path / "g").mkdir()
     write_manifest(tmp_path / "g", config.identity(), {}, complete=True, prompt_file=config.prompt_file)
     held_out = HeldOut.of_dataset(tmp_path / "g")
