@@ -1,7 +1,7 @@
 """Does a large group dataset stream through training in bounded memory? One epoch over it, twice, side by side:
 streamed (--replay-limit-mb 0: nothing kept) and with the in-memory replay (the default limit, which this
-dataset fits), printing the workers' largest resident memory at the first report, its peak and at the end
-(training's worker_rss_mb metric, from the run's TensorBoard log).
+dataset fits), printing the workers' largest resident and private memory at the first report, their peak and at
+the end (training's worker_rss_mb and worker_private_mb metrics, from the run's TensorBoard log).
 
     python benchmarks/streaming_memory.py                       # 5,000 groups of the tiny model, k = 2
     python benchmarks/streaming_memory.py --groups 20000 --out runs/streaming-20k
@@ -35,10 +35,10 @@ def sign_text(index: int) -> str:
     return letters
 
 
-def resident_memory(run_directory: Path) -> list[float]:
+def worker_memory(run_directory: Path, name: str) -> list[float]:
     events = EventAccumulator(str(run_directory / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
-    return [event.value for event in events.Scalars("train/worker_rss_mb")]
+    return [event.value for event in events.Scalars(f"train/{name}")]
 
 
 def main():
@@ -60,13 +60,14 @@ def main():
              "--num-workers", str(WORKERS), "--groups-per-step", str(GROUPS_PER_STEP), "--replay-limit-mb", limit,
              "--checkpoint-every", str(steps), "--log-every", str(max(steps // 50, 1)), "--storage-path", str(out),
              "--name", name])
-        memory = resident_memory(out / name)
-        rows.append((name, limit, memory[0], max(memory), memory[-1]))
-    print(f"\n{args.groups} groups, one epoch of {steps} steps on {WORKERS} workers; the largest worker's resident "
-          "memory (MiB):")
-    print("| run | replay limit (MiB) | first report | peak | end | end / first |\n|---|---|---|---|---|---|")
-    for name, limit, first, peak, end in rows:
-        print(f"| {name} | {limit} | {first:.0f} | {peak:.0f} | {end:.0f} | {end / first:.3f} |")
+        for metric in ("worker_rss_mb", "worker_private_mb"):
+            memory = worker_memory(out / name, metric)
+            rows.append((name, limit, metric, memory[0], max(memory), memory[-1]))
+    print(f"\n{args.groups} groups, one epoch of {steps} steps on {WORKERS} workers; the largest worker's memory "
+          "(MiB), resident and private (resident less shared pages):")
+    print("| run | replay limit (MiB) | memory | first report | peak | end | end / first |\n|---|---|---|---|---|---|---|")
+    for name, limit, metric, first, peak, end in rows:
+        print(f"| {name} | {limit} | {metric} | {first:.0f} | {peak:.0f} | {end:.0f} | {end / first:.3f} |")
 
 
 if __name__ == "__main__":

@@ -129,11 +129,7 @@ def run_compare(configs: dict[str, TrainConfig], align: AlignSettings, settings:
              training_plan(first, use_gpu)]
     check_plans(plans, capacity)
     log(describe_plans(plans, capacity))
-    # One dataset for every run: with the reference cache when any run trains on it (--grid reference=cached), or
-    # when an earlier command made it with one.
-    made = read_manifest(run / "groups")
-    cached = any(run_config(configs, spec).reference == "cached" for spec in runs) or \
-        (made is not None and "reference_cache" in made["identity"])
+    cached = needs_reference_cache([run_config(configs, spec) for spec in runs], read_manifest(run / "groups"))
     shared = prepare_data(dataclasses.replace(first, reference="cached") if cached else first, align, run,
                           evaluation, log)
     held_out = HeldOut.of_dataset(shared.data, align.eval_prompt_file)
@@ -209,6 +205,13 @@ def evaluate_model(held_out: HeldOut, lora: str | Path | None, out: Path, name: 
     summary = summarise(scores)
     write_results(out, name, scores, summary)
     return summary
+
+
+def needs_reference_cache(run_configs: list[TrainConfig], made: dict | None) -> bool:
+    """One dataset serves every run: it carries the reference cache when any run trains on it (--grid
+    reference=cached), or when an earlier command into the directory made it with one."""
+    return any(config.reference == "cached" for config in run_configs) or \
+        (made is not None and "reference_cache" in made["identity"])
 
 
 def run_config(configs: dict[str, TrainConfig], spec: RunSpec) -> TrainConfig:

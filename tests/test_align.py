@@ -25,7 +25,7 @@ def test_a_small_align_run_in_two_rounds_fills_its_run_directory_and_a_rerun_ski
     cached reference."""
     run = tmp_path / "run"
     arguments = ["--task", "geneval", "--out", str(run), "--rounds", "2", "--round-prompts", "new", "--reference",
-                 "cached", "--round-reference", "previous", *SMALL]
+                 "cached", "--round-reference", "previous", "--log-every", "1", *SMALL]
     summary = align_job.main(arguments)
 
     for path in ("groups/manifest.json", "round-2/groups/manifest.json", "eval_set/eval_set.json",
@@ -45,6 +45,10 @@ def test_a_small_align_run_in_two_rounds_fills_its_run_directory_and_a_rerun_ski
     # The steps are shared out (2 a round, one training run resumed).
     scalars = read_scalars(run / "train" / "tensorboard")
     assert scalars["train/attempt_start_step"][0][-1] == 4 and scalars["train/attempt_start_step"][1][-1] == 2
+    # Round 2's first report (step 3) carries the held-out scores its checkpoint was saved with, as an
+    # uninterrupted run's would: a sweep's scheduler reads them from every report.
+    steps, corrected = scalars["train/eval_corrected"]
+    assert steps == [1, 2, 3, 4] and corrected[2] == corrected[1]
 
     # The meter, counted: each dataset's 4 sampler steps per image and the cache's 8 draws per image, both rounds
     # summed; 4 steps of 2 groups x 3 members, each a policy forward and a backward (two forwards), the reference
@@ -75,7 +79,7 @@ def test_a_small_align_run_in_two_rounds_fills_its_run_directory_and_a_rerun_ski
     console = capsys.readouterr()
     # One metric line per reported step, from rank 0 only; no library output, no raw reports.
     assert [line.split("  ")[0] for line in console.out.splitlines() if line.startswith("step ")] == \
-        ["step 2/4", "step 4/4"]
+        ["step 1/4", "step 2/4", "step 3/4", "step 4/4"]
     assert "TrainingReport" not in console.out + console.err and "DeepSpeed" not in console.out + console.err
 
     again = align_job.main(arguments)

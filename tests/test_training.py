@@ -129,8 +129,11 @@ def test_loss_falls_when_overfitting_a_small_dataset(groups, tmp_path):
                           num_workers=1, strategy="deepspeed", steps=24, k=6,
                           lr=1e-2, checkpoint_every=24, ema_decay=0.0)
     run_training(config)
-    steps, losses = read_scalars(config.run_directory / "tensorboard")["train/loss_group"]  # read back from TensorBoard
+    scalars = read_scalars(config.run_directory / "tensorboard")  # read back from TensorBoard
+    steps, losses = scalars["train/loss_group"]
     assert steps == list(range(1, 25))
+    (_, resident), (_, private) = scalars["train/worker_rss_mb"], scalars["train/worker_private_mb"]
+    assert all(0 < held < size for held, size in zip(private, resident))  # resident counts the shared pages too
     # A fresh LoRA scores every member 0, so L_GDRO starts at log 6! (hand-worked in test_train_step);
     # learning the two rankings takes it well below.
     assert losses[0] == pytest.approx(math.log(720), abs=1e-4)

@@ -65,8 +65,7 @@ def train_worker(values: dict, evaluator: Evaluator | None = None, progress: Sta
         if checkpointing or evaluating or step % config.log_every == 0:
             metrics = {"step": step, "attempt_start_step": attempt_start, **window.flush(),
                        "grad_norm": run.strategy.grad_norm(), "lr": run.scheduler.get_last_lr()[0],
-                       "skipped_nonfinite": guard.skipped, "worker_rss_mb": largest_resident_memory(run.device),
-                       **last_eval}
+                       "skipped_nonfinite": guard.skipped, **largest_worker_memory(run.device), **last_eval}
             report(run, metrics, writer, console, checkpoint=checkpointing)
     if writer is not None:
         writer.close()
@@ -74,14 +73,18 @@ def train_worker(values: dict, evaluator: Evaluator | None = None, progress: Sta
 
 def start(config: RunConfig, evaluator: Evaluator | None, progress: StageProgress | None):
     """What every training loop begins with: the run set up and restored, rank 0's console and TensorBoard writer,
-    and on a fresh run the base model's held-out scores (carried in every later report, so schedulers always see
-    the latest). Returns (run, console, step, writer, last_eval)."""
+    and the latest held-out scores, carried in every later report so schedulers always see them: the base model's
+    on a fresh run, the restored checkpoint's on a resumed one (a retried sweep trial's first report must hold its
+    metric too). Returns (run, console, step, writer, last_eval)."""
     quiet_libraries()
     run = setup(config)
     console = (progress or StageProgress()) if run.rank == 0 else StageProgress(silent=True)
     step = restore(run, console)
     writer = SummaryWriter(str(config.run_directory / "tensorboard")) if run.rank == 0 else None
-    last_eval = evaluate(run, evaluator, 0, writer) if evaluator is not None and step == 0 else {}
+    if evaluator is None:
+        last_eval = {}
+    else:
+        last_eval = evaluate(run, evaluator, 0, writer) if step == 0 else run.eval_before
     return run, console, step, writer, last_eval
 
 
@@ -101,6 +104,7 @@ class WorkerRun:
     generator: torch.Generator
     meter: ComputeMeter  # this worker's work since it started
     metered_before: dict = field(default_factory=dict)  # all workers' totals at the restored checkpoint
+    eval_before: dict = field(default_factory=dict)  # the held-out scores the restored checkpoint's report carried
     loss_config: LossConfig | None = None  # made on the first batch: FLUX's timestep shift needs its size
 
 
@@ -149,6 +153,7 @@ def restore(run: WorkerRun, console: StageProgress) -> int:
             run.ema.load_state_dict(client_state["ema"])
             run.ema.to(device=run.device, dtype=torch.float32)
         run.metered_before = client_state.get("meter") or {}
+        run.eval_before = client_state.get("eval") or {}
         rng_file = Path(directory) / f"rng-{run.rank}.pt"
         if rng_file.exists():  # absent when an elastic restart has more workers than before
             run.generator.set_state(torch.load(rng_file, weights_only=True))
@@ -213,8 +218,9 @@ def report(run: WorkerRun, metrics: dict, writer, console: StageProgress, checkp
     # and its EMA in diffusers' format, ready to load with the pipeline's load_lora_weights.
     with tempfile.TemporaryDirectory() as directory:
         directory = Path(directory)
+        scores = {name: value for name, value in metrics.items() if name.startswith("eval_")}
         run.strategy.save(directory, {"step": step, "ema": run.ema.state_dict() if run.ema is not None else None,
-                                      "meter": metered.as_dict()})
+                                      "meter": metered.as_dict(), "eval": scores})
         torch.save(run.generator.get_state(), directory / f"rng-{run.rank}.pt")
         with run.strategy.full_parameters():
             if run.rank == 0:
@@ -274,12 +280,15 @@ def _metered(run: WorkerRun) -> ComputeMeter:
     return now.add(run.metered_before) if run.metered_before else now
 
 
-def largest_resident_memory(device: torch.device) -> float:
-    """The largest resident memory of any worker process, in MiB: flat over an epoch when the data streams."""
-    resident = torch.tensor([psutil.Process().memory_info().rss / 2**20], dtype=torch.float64, device=device)
+def largest_worker_memory(device: torch.device) -> dict[str, float]:
+    """The largest memory of any worker process, in MiB: resident (worker_rss_mb) and private (worker_private_mb:
+    resident less its shared pages). Reading a streamed batch maps its block from Ray's object store, and those
+    pages count in the resident size until the store reuses them: the private memory is what the worker holds."""
+    memory = psutil.Process().memory_info()
+    largest = torch.tensor([memory.rss, memory.rss - memory.shared], dtype=torch.float64, device=device) / 2**20
     if dist.is_initialized():
-        dist.all_reduce(resident, op=dist.ReduceOp.MAX)
-    return float(resident.item())
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    return {"worker_rss_mb": float(largest[0]), "worker_private_mb": float(largest[1])}
 
 
 def finite_everywhere(loss: torch.Tensor, device: torch.device) -> bool:
