@@ -8,7 +8,7 @@ jobs run as they do on a real cluster, as drivers joining it through RAY_ADDRESS
 how many faults and when from --seed; its result is one line of OUT/trials.jsonl, so a rerun goes on from the
 first trial without one.
 
-    python benchmarks/faults.py --trials 8 --seed 0 --out runs/faults
+    python benchmarks/faults.py --trials 10 --seed 0 --out runs/faults
 
 Trials cycle through the stages:
   generation        jobs/generate.py; worker nodes removed after the first shard, a fresh node added back
